@@ -1,0 +1,48 @@
+# tiny-hf: `make demo` runs the main job, `make test` the whole suite. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch first and pinned: 2.13.0 is the CPU build on this machine's disk; any other request downloads a CUDA build.
+TORCH  := torch==2.13.0
+# Re-install when the dependency list changes.
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	$(PY) -m training.demo
+
+test: setup
+	$(PY) -m pytest -n 2 --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -n 2 -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) bench/tokenizer_bench.py
+	$(PY) bench/model_speed.py
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache .ruff_cache

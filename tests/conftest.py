@@ -1,0 +1,38 @@
+"""Shared test setup: offline, no telemetry, deterministic, and small helpers used across test files."""
+
+import os
+
+# Set before transformers/huggingface_hub/gradio are imported by any test module: they read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_config(**overrides):
+    """The tester's config (transformers' habit): vocab 99, hidden 32, 2 layers, 4 heads; overrides win."""
+    from tiny_hf import TinyConfig
+
+    fields = dict(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+    )
+    return TinyConfig(**{**fields, **overrides})

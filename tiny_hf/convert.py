@@ -1,0 +1,116 @@
+"""Leaving tiny_hf: a stock `LlamaForCausalLM` for Llama tooling, and a self-contained remote-code folder.
+
+`to_llama` is lossless for the Llama-shaped configuration (rmsnorm, rope, swiglu, pre_norm, no q/k norm, no
+sliding window), because the state dict is key for key Llama's. `export` writes weights, config, tokenizer and
+the model's source files, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works where
+tiny_hf is not installed (a Hub repo pushed from that folder too).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from .configuration_tiny import TinyConfig
+
+PACKAGE_DIR = Path(__file__).parent
+# The files an exported folder needs: the model imports only its configuration; the tokenizer stands alone.
+REMOTE_CODE_FILES = ("configuration_tiny.py", "modeling_tiny.py", "tokenization_tiny.py")
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": [None, "tokenization_tiny.TinyTokenizerFast"]}
+AUTO_MAP = {
+    "AutoConfig": "configuration_tiny.TinyConfig",
+    "AutoModel": "modeling_tiny.TinyModel",
+    "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_tiny.TinyForSequenceClassification",
+    **TOKENIZER_AUTO_MAP,
+}
+
+
+def llama_config(config: TinyConfig) -> LlamaConfig:
+    """The `LlamaConfig` of a Llama-shaped `TinyConfig`; a ValueError lists every field that has no Llama match."""
+    wanted = {"position_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "block": "pre_norm"}
+    problems = [
+        f"{k}={getattr(config, k)!r} (Llama needs {v!r})" for k, v in wanted.items() if getattr(config, k) != v
+    ]
+    if config.qk_norm:
+        problems.append("qk_norm=True (Llama has no q/k norm)")
+    if config.sliding_window is not None:
+        problems.append(f"sliding_window={config.sliding_window} (Llama attends to the whole context)")
+    if problems:
+        raise ValueError("this model is not Llama-shaped: " + "; ".join(problems))
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=dict(config.rope_parameters),
+        attention_bias=config.attention_bias,
+        attention_dropout=config.attention_dropout,
+        mlp_bias=config.mlp_bias,
+        tie_word_embeddings=config.tie_word_embeddings,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+
+
+def to_llama(model: PreTrainedModel) -> LlamaForCausalLM:
+    """A stock transformers `LlamaForCausalLM` with this model's weights (same logits), for vLLM, llama.cpp's
+    converter and other tooling that knows Llama but not tiny_hf.
+
+    Args:
+        model: A `TinyForCausalLM` with a Llama-shaped config.
+    """
+    llama = LlamaForCausalLM(llama_config(model.config)).to(model.dtype)
+    llama.load_state_dict(model.state_dict(), strict=True)  # strict: the key sets must match exactly
+    llama.generation_config = model.generation_config
+    return llama.train(model.training).to(model.device)
+
+
+def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
+    """Write a folder that loads with `trust_remote_code=True` without tiny_hf: safetensors weights, a config whose
+    `auto_map` names every Auto class (AutoConfig, AutoModel, AutoModelForCausalLM,
+    AutoModelForSequenceClassification, AutoTokenizer), the tokenizer, and the source files they point to.
+
+    Args:
+        model: A tiny_hf model (any head).
+        tokenizer: Its `TinyTokenizerFast`, or None to export weights only.
+        out_dir: The folder to write (created if missing).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = getattr(model.config, "auto_map", None)
+    model.config.auto_map = dict(AUTO_MAP)
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        model.config.auto_map = previous
+    if tokenizer is not None:
+        export_tokenizer(tokenizer, out_dir)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(PACKAGE_DIR / name, out_dir / name)
+    return out_dir
+
+
+def export_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Save a `TinyTokenizerFast` so that `AutoTokenizer.from_pretrained(dir, trust_remote_code=True)` loads it
+    without tiny_hf: its files, an `auto_map` in tokenizer_config.json, and tokenization_tiny.py beside them.
+    (Unlike `register_for_auto_class`, this changes no class for the rest of the process.)"""
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    tokenizer_config = out_dir / "tokenizer_config.json"
+    data = json.loads(tokenizer_config.read_text())
+    data["auto_map"] = TOKENIZER_AUTO_MAP
+    tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    shutil.copyfile(PACKAGE_DIR / "tokenization_tiny.py", out_dir / "tokenization_tiny.py")
+    return out_dir

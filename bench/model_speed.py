@@ -24,6 +24,7 @@ from common import RESULTS_DIR, write_results  # noqa: E402
 
 from tiny_hf import TinyConfig, TinyForCausalLM  # noqa: E402
 from tiny_hf.convert import llama_config  # noqa: E402
+from tiny_hf.system import keep_freed_memory  # noqa: E402
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
 
@@ -115,6 +116,7 @@ def flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq_len: i
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    keep_freed_memory()  # the same allocator settings for every model measured
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     models = {name: m.to(device).train() for name, m in build_models(args).items()}

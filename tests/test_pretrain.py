@@ -1,0 +1,174 @@
+"""training/pretrain.py end to end on tiny configs: steps run, loss falls, DDP really runs 2 processes with identical
+weights, a SIGKILLed run resumes to the same losses, the curriculum switches lengths, and bad input fails early."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from tiny_hf.bpe import train_tokenizer
+from tiny_hf.corpus import DOC_SEPARATOR, topic_documents
+from training import pretrain
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "tiny-1m"] + [
+    x
+    for kv in ("hidden_size=32", "num_hidden_layers=2", "num_attention_heads=4", "intermediate_size=64")
+    for x in ("--set", kv)
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A small local corpus (a .txt of documents joined by the separator) and a 400-token tokenizer for it."""
+    root = tmp_path_factory.mktemp("pretrain")
+    texts = [d["text"] for d in topic_documents()[:150]]
+    corpus = root / "corpus.txt"
+    corpus.write_text(DOC_SEPARATOR.join(texts))
+    train_tokenizer(texts, vocab_size=400).save_pretrained(root / "tokenizer")
+    return root
+
+
+def args_for(workspace: Path, out: Path, *extra: str, model: tuple[str, ...] = tuple(TINY)) -> list[str]:
+    return [
+        "--data", str(workspace / "corpus.txt"), "--tokenizer", str(workspace / "tokenizer"),
+        "--cache-dir", str(workspace / "cache"), "--out", str(out), *model,
+        "--block-size", "32", "--batch-size", "8", "--warmup-steps", "2", "--eval-blocks", "8",
+        "--sample-tokens", "4", "--log-every", "1", "--no-progress", "--cpu", *extra,
+    ]  # fmt: skip
+
+
+def records(out: Path, key: str) -> dict[int, float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in lines if key in r}
+
+
+def test_two_steps_write_a_complete_run_folder(workspace, tmp_path):
+    out = tmp_path / "run"
+    summary = pretrain.main(args_for(workspace, out, "--max-steps", "2"))
+    assert summary["world_size"] == 1 and summary["val_loss"] > 0
+    for name in ("metrics.jsonl", "run_config.json", "loss_curve.png", "summary.md", "model/config.json"):
+        assert (out / name).exists(), name
+    assert (out / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
+    assert sorted(records(out, "loss")) == [1, 2]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.hidden_size == 32 and model.config.vocab_size == 400
+
+
+def test_loss_falls_and_evaluation_reports_bits_per_byte(workspace, tmp_path):
+    out = tmp_path / "run"
+    pretrain.main(args_for(workspace, out, "--max-steps", "60", "--lr", "1e-2", "--eval-every", "30"))
+    losses = records(out, "loss")
+    # From ln(400) = 5.99 nats (uniform over the vocabulary) to below 5: the model has learned token statistics.
+    assert losses[1] == pytest.approx(5.99, abs=0.05) and losses[60] < losses[1] - 1.0, (losses[1], losses[60])
+    val = records(out, "val_loss")
+    assert sorted(val) == [30, 60] and val[60] < val[30]
+    bpb, ppl = records(out, "val_bits_per_byte"), records(out, "val_perplexity")
+    assert 0 < bpb[60] < 8 and ppl[60] == pytest.approx(2.718281828 ** val[60], rel=1e-6)
+    assert len(records(out, "samples")[60]) == len(pretrain.SAMPLE_PROMPTS)
+
+
+def test_curriculum_switches_sequence_length(workspace, tmp_path):
+    out = tmp_path / "run"
+    pretrain.main(args_for(workspace, out, "--max-steps", "8", "--seq-len-schedule", "8:0.25,16:0.25,32"))
+    lengths = records(out, "seq_len")
+    assert [lengths[s] for s in range(1, 9)] == [8, 8, 16, 16, 32, 32, 32, 32]
+
+
+def test_keep_last_prunes_old_checkpoints(workspace, tmp_path):
+    out = tmp_path / "run"
+    pretrain.main(args_for(workspace, out, "--max-steps", "6", "--save-every", "2", "--keep-last", "2"))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-0000004", "step-0000006"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_same_losses(workspace, tmp_path):
+    common = ("--lr-decay-steps", "1000", "--save-every", "5", "--eval-every", "1000", "--set", "hidden_dropout=0.1")
+    reference = tmp_path / "reference"
+    pretrain.main(args_for(workspace, reference, "--max-steps", "30", *common))
+
+    killed = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        str(ROOT / "training" / "pretrain.py"),
+        *args_for(workspace, killed, "--max-steps", "1000", *common),
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step-0000005" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run to be killed ended or hung"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = pretrain.latest_checkpoint(killed)
+    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < 30, resumed_from
+
+    with pytest.raises(ValueError, match="pass --resume"):
+        pretrain.main(args_for(workspace, killed, "--max-steps", "30", *common))
+    pretrain.main(args_for(workspace, killed, "--max-steps", "30", "--resume", *common))
+    assert records(killed, "loss") == records(reference, "loss")  # exact, step for step
+    assert sorted(records(killed, "loss")) == list(range(1, 31))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_processes_with_identical_weights(workspace, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "training" / "pretrain.py"),
+        *args_for(workspace, out, "--max-steps", "4", "--eval-every", "2", "--batch-size", "4"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((out / f"final-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"]
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+
+
+# --- bad input: a clear error before any training --------------------------------------------------------------
+def test_missing_data_fails_early(workspace, tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match="no_such"):
+        pretrain.main(args_for(workspace, tmp_path / "run", "--data", str(tmp_path / "no_such.txt")))
+
+
+def test_empty_data_fails_early(workspace, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        pretrain.main(args_for(workspace, tmp_path / "run", "--data", str(empty)))
+
+
+def test_block_size_beyond_learned_positions_fails_early(workspace, tmp_path):
+    extra = ("--set", "position_embedding=learned", "--set", "max_position_embeddings=16")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        pretrain.main(args_for(workspace, tmp_path / "run", *extra))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_vocab_mismatch_fails_early(workspace, tmp_path):
+    small = tmp_path / "small-model"
+    pretrain.main(args_for(workspace, small, "--max-steps", "1", "--set", "vocab_size=400"))
+    big_tokenizer = tmp_path / "big-tokenizer"
+    train_tokenizer([d["text"] for d in topic_documents()[:150]], vocab_size=500).save_pretrained(big_tokenizer)
+    argv = args_for(
+        workspace, tmp_path / "run", "--tokenizer", str(big_tokenizer), model=("--model", str(small / "model"))
+    )
+    with pytest.raises(ValueError, match="500 tokens but the model's vocab_size is 400"):
+        pretrain.main(argv)
+
+
+def test_unwritable_out_dir_fails_early(workspace, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="not writable"):
+        pretrain.main(args_for(workspace, blocker / "run"))

@@ -9,6 +9,10 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -36,3 +40,18 @@ def tiny_config(**overrides):
         vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
     )
     return TinyConfig(**{**fields, **overrides})
+
+
+def run_without_tiny_hf(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter in which `import tiny_hf` fails, offline, with an empty modules cache: only
+    a folder's own source files can make its model load (what a user without tiny_hf gets)."""
+    blocker = "import sys; sys.modules['tiny_hf'] = None  # importing tiny_hf now raises ImportError\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    return subprocess.run(
+        [sys.executable, "-c", blocker + textwrap.dedent(code)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -2,14 +2,10 @@
 process where tiny_hf cannot be imported; and `to_llama`, a folder that needs no remote code at all."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_without_tiny_hf, tiny_config
 from transformers import AutoModelForCausalLM
 
 import tiny_hf
@@ -40,20 +36,6 @@ def exported(tmp_path_factory, tokenizer):
         "text": tokenizer.decode(generated[0]),
     }
     return out, expected
-
-
-def run_without_tiny_hf(code: str, tmp_path) -> subprocess.CompletedProcess:
-    """Run `code` in a new interpreter in which `import tiny_hf` fails, offline, with an empty modules cache."""
-    blocker = "import sys; sys.modules['tiny_hf'] = None  # importing tiny_hf now raises ImportError\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    return subprocess.run(
-        [sys.executable, "-c", blocker + textwrap.dedent(code)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_export_writes_the_source_files_and_the_full_auto_map(exported):

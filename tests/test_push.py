@@ -3,13 +3,10 @@ it loads with trust_remote_code=True in a fresh process where tiny_hf cannot be 
 anything is written. The upload itself needs the network and is never run here."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_without_tiny_hf
 from huggingface_hub import ModelCard
 from test_report import synthetic_records
 
@@ -147,21 +144,6 @@ def test_upload_path_with_a_fake_hub(tmp_path, tokenizer, monkeypatch):
     assert upload == "upload_folder" and upload_kwargs["folder_path"] == staging
     assert upload_kwargs["ignore_patterns"] == [push.STAGING_MARKER]
     assert upload_kwargs["commit_message"] == "Upload demo with tiny-hf"
-
-
-def run_without_tiny_hf(code: str, tmp_path) -> subprocess.CompletedProcess:
-    """As in test_export.py: a new interpreter in which `import tiny_hf` fails, offline, with an empty modules
-    cache, so only the staged folder's own source files can make the model load."""
-    blocker = "import sys; sys.modules['tiny_hf'] = None  # importing tiny_hf now raises ImportError\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    return subprocess.run(
-        [sys.executable, "-c", blocker + textwrap.dedent(code)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.mark.slow

@@ -12,25 +12,39 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup chromium demo chat serve test test-fast lint format bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[train,dev]"
+	$(PY) -m pip install --quiet -e ".[train,app,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
+	@$(MAKE) --no-print-directory chromium
+
+# The browser tests drive Debian's chromium through Playwright (never `playwright install`).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium is missing: apt-get install chromium (as root) for the browser tests"
 
 demo: setup
 	$(PY) -m training.demo
 
+# After `make demo`: the Gradio app and the OpenAI-compatible server on the demo run (127.0.0.1 only).
+chat: setup
+	$(PY) -m app.demo --model runs/demo
+
+serve: setup
+	$(PY) -m app.server --model runs/demo
+
 test: setup
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -n 2 -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -43,6 +57,7 @@ format: setup
 bench: setup
 	$(PY) bench/tokenizer_bench.py
 	$(PY) bench/model_speed.py
+	$(PY) bench/serve_speed.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .ruff_cache

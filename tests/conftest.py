@@ -55,3 +55,25 @@ def run_without_tiny_hf(code: str, tmp_path) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A saved TinyForCausalLM (random weights, 256 positions) + a 320-token BPE tokenizer trained on the pydoc topics:
+    what the inference engine, the server and the Gradio demo load. The head is rescaled so that greedy choices are
+    clear-cut (no near-ties for batching to flip)."""
+    from tiny_hf import TinyForCausalLM
+    from tiny_hf.bpe import train_tokenizer
+    from tiny_hf.corpus import topic_documents
+
+    path = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = train_tokenizer([d["text"] for d in topic_documents()[:40]], vocab_size=320, model_max_length=256)
+    torch.manual_seed(0)
+    model = TinyForCausalLM(
+        tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False)
+    )
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -589,6 +589,29 @@ class TinyModel(TinyPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    def add_positions(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.LongTensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The step between the token embeddings and the blocks: add absolute position embeddings (if any), apply
+        embedding dropout, and compute the RoPE tables (if any) for `position_ids` (B, T). Shared with the inference
+        engine (tiny_hf/engine.py), which drives the blocks with its own cache and mask.
+
+        Returns:
+            The hidden states (B, T, hidden) and the (cos, sin) tables for the blocks, or None without RoPE.
+        """
+        hidden_states = inputs_embeds
+        if self.config.position_embedding in ABSOLUTE_POSITIONS:
+            max_position = int(position_ids.max())
+            if max_position >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position {max_position} is beyond max_position_embeddings={self.config.max_position_embeddings} "
+                    f"of the {self.config.position_embedding!r} position embedding; shorten the input"
+                )
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        hidden_states = self.dropout(hidden_states)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb else None
+        return hidden_states, position_embeddings
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -636,17 +659,7 @@ class TinyModel(TinyPreTrainedModel):
             else:
                 position_ids = torch.arange(past_length, past_length + q_len, device=inputs_embeds.device)[None]
 
-        hidden_states = inputs_embeds
-        if self.config.position_embedding in ABSOLUTE_POSITIONS:
-            max_position = int(position_ids.max())
-            if max_position >= self.config.max_position_embeddings:
-                raise ValueError(
-                    f"position {max_position} is beyond max_position_embeddings={self.config.max_position_embeddings} "
-                    f"of the {self.config.position_embedding!r} position embedding; shorten the input"
-                )
-            hidden_states = hidden_states + self.embed_positions(position_ids)
-        hidden_states = self.dropout(hidden_states)
-
+        hidden_states, position_embeddings = self.add_positions(inputs_embeds, position_ids)
         attn_kwargs = dict(
             attention_bias=build_attention_bias(
                 batch_size=batch,
@@ -659,7 +672,7 @@ class TinyModel(TinyPreTrainedModel):
                 dtype=hidden_states.dtype,
                 device=hidden_states.device,
             ),
-            position_embeddings=self.rotary_emb(hidden_states, position_ids) if self.rotary_emb else None,
+            position_embeddings=position_embeddings,
             cache=cache,
             output_attentions=bool(output_attentions),
         )

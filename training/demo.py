@@ -71,7 +71,9 @@ def main(argv=None) -> dict:
         print(f"  {samples[-1]!r}")
     print(
         f"\nRun folder: {args.out} (summary.md, loss_curve.png, metrics.jsonl; TensorBoard: tensorboard --logdir "
-        f"{args.out / 'tb'})"
+        f"{args.out / 'tb'})\n"
+        f"Chat with it in the browser:  python -m app.demo --model {args.out}      (http://127.0.0.1:7860)\n"
+        f"Serve it (OpenAI API):        python -m app.server --model {args.out}    (http://127.0.0.1:8000/v1)"
     )
     return {**summary, "samples": samples}
 

@@ -1,0 +1,224 @@
+"""The Gradio demo (app/demo.py), served for real on a loopback port: its API through gradio_client, its page in
+Debian's chromium through Playwright. The model is the random tiny LM of `tiny_lm_dir`, inside a run folder with a
+summary and a loss curve, so every tab has something to show."""
+
+import shutil
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("gradio", reason="the demo needs the app extra: pip install -e '.[app]'")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from app.demo import attention_map, build_demo, main, resolve_model, token_spans  # noqa: E402
+
+# One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
+pytestmark = pytest.mark.xdist_group("gradio")
+
+CHROMIUM = Path("/usr/bin/chromium")
+# The flags that work for Debian's chromium under Playwright here (/work/shared/FACTS.md).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+TRICKY_TEXT = "The json module: héllo wörld 🙂\n\n  tabs\tand <|im_end|> special."
+# Greedy, so that a reply is the same on every run; short, so that the file stays fast.
+GREEDY = dict(system_prompt="", temperature=0.0, top_p=1.0, top_k=0, max_tokens=24, repetition_penalty=1.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_lm_dir, tmp_path_factory):
+    """A run folder as training/pretrain.py leaves it: model/ plus summary.md and loss_curve.png beside it."""
+    from matplotlib.figure import Figure
+
+    run = tmp_path_factory.mktemp("run")
+    shutil.copytree(tiny_lm_dir, run / "model")
+    (run / "summary.md").write_text("# Run summary\n\nfinal validation loss 9.87\n", encoding="utf-8")
+    fig = Figure(figsize=(3, 2))
+    fig.add_subplot().plot([3.0, 2.0, 1.5])
+    fig.savefig(run / "loss_curve.png")
+    return run
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    demo, loop = build_demo(str(run_dir))
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield SimpleNamespace(url=url, engine=loop.engine)
+    finally:
+        demo.close()
+        loop.shutdown(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served.url, verbose=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading and the command line
+# ---------------------------------------------------------------------------------------------------------------------
+def test_resolve_model_takes_run_folders_model_folders_and_hub_ids(run_dir, tmp_path):
+    assert resolve_model(str(run_dir)) == (str(run_dir / "model"), [run_dir])
+    assert resolve_model(str(run_dir / "model")) == (str(run_dir / "model"), [run_dir / "model", run_dir])
+    assert resolve_model("someone/tiny-model") == ("someone/tiny-model", [])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model(str(tmp_path))  # a folder, but no model in it
+
+
+def test_main_says_clearly_when_the_model_does_not_exist(tmp_path):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(missing), "--no-browser"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: cannot load --model '{missing}': no such folder")
+    assert "Traceback" not in message
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The functions behind the tabs
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["", "plain words", TRICKY_TEXT, "🙂🙂 é", "<|im_start|>user\nhi<|im_end|>"])
+def test_token_spans_join_back_into_the_text_and_cover_every_id(served, text):
+    tokenizer = served.engine.tokenizer
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    spans = token_spans(tokenizer, ids)
+    assert "".join(piece for piece, _ in spans) == text
+    assert [i for _, span_ids in spans for i in span_ids] == ids
+    assert all(piece for piece, _ in spans)  # a multi-token character is one span, never an empty one
+
+
+def test_attention_map_is_causal_and_each_row_sums_to_one(served):
+    probs, labels = attention_map(served.engine, "To open a file, use open", layer=1, head=2)
+    assert probs.shape == (len(labels), len(labels))
+    assert probs.sum(-1).tolist() == pytest.approx([1.0] * len(labels), abs=1e-5)
+    assert probs.triu(diagonal=1).abs().max().item() == 0.0  # no query sees a later key
+    with pytest.raises(ValueError, match="head=4 is not in"):
+        attention_map(served.engine, "x", layer=0, head=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The API, through gradio_client
+# ---------------------------------------------------------------------------------------------------------------------
+def test_api_lists_the_three_endpoints(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/chat", "/tokenize", "/attention"} <= set(endpoints)
+
+
+def test_chat_api_streams_a_growing_reply(client):
+    history = [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."}]
+    job = client.submit("And a dictionary?", history, *GREEDY.values(), api_name="/chat")
+    replies = list(job)
+    assert replies and replies[-1], "the reply is empty"
+    assert all(later.startswith(earlier) for earlier, later in zip(replies, replies[1:], strict=False))
+    # The same request again, greedy: the same reply, here with predict().
+    assert client.predict("And a dictionary?", history, *GREEDY.values(), api_name="/chat") == replies[-1]
+
+
+def test_chat_api_refuses_a_message_longer_than_the_context_window(client):
+    params = {**GREEDY, "max_tokens": 64}
+    with pytest.raises(AppError, match="budget is 192 tokens"):  # 256 positions - 64 for the reply
+        client.predict("word " * 400, None, *params.values(), api_name="/chat")
+
+
+def test_tokenize_api_returns_tokens_that_join_back_into_the_text(client, served):
+    spans, counts = client.predict(TRICKY_TEXT, api_name="/tokenize")
+    assert "".join(span["token"] for span in spans) == TRICKY_TEXT
+    ids = [int(i) for span in spans for i in span["class_or_confidence"].split()]
+    assert ids == served.engine.tokenizer(TRICKY_TEXT, add_special_tokens=False).input_ids
+    assert f"**{len(ids)}** tokens" in counts and f"**{len(TRICKY_TEXT)}** characters" in counts
+
+
+def test_attention_api_returns_a_heatmap(client):
+    plot = client.predict("To open a file", 0, 0, api_name="/attention")
+    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/png;base64,")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The page, in a real browser
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make chromium` (apt-get install chromium) for the browser tests")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (dev extra)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(20_000)
+    # "networkidle" never comes on a Gradio page (it keeps a connection open): wait for elements instead.
+    page.goto(served.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#chat-input textarea")
+    yield page
+    page.close()
+
+
+# Records every text the last assistant message shows, to see the reply arrive in pieces.
+WATCH_REPLY = """() => {
+    window.replyTexts = [];
+    const chatbot = document.querySelector('#chatbot');
+    new MutationObserver(() => {
+        const bots = chatbot.querySelectorAll('[data-testid=bot]');
+        const text = bots.length ? bots[bots.length - 1].textContent : '';
+        if (text && window.replyTexts[window.replyTexts.length - 1] !== text) window.replyTexts.push(text);
+    }).observe(chatbot, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.mark.slow
+def test_browser_chat_streams_a_reply_into_the_chatbot(page):
+    page.get_by_text("System prompt and sampling").click()
+    page.fill("#temperature input[type=number]", "0")  # greedy: the same reply on every run
+    page.press("#temperature input[type=number]", "Enter")
+    page.evaluate(WATCH_REPLY)
+    page.fill("#chat-input textarea", "What does the json module do?")
+    page.press("#chat-input textarea", "Enter")
+
+    page.wait_for_selector("#chatbot [data-testid=user]:has-text('What does the json module do?')")
+    page.wait_for_function("() => window.replyTexts.length > 0")  # the reply has started
+    page.wait_for_selector("#chatbot > [data-testid=status-tracker].hide", state="attached")  # ... and ended
+    assert page.input_value("#chat-input textarea") == ""  # the message left the box for the chat
+    reply = page.locator("#chatbot [data-testid=bot]").last.text_content()
+    texts = page.evaluate("() => window.replyTexts")
+    assert reply.strip() and texts[-1] == reply
+    assert len(texts) > 1, f"the reply arrived in one piece, not streamed: {texts}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "gradio_demo.png"), full_page=True)
+
+
+@pytest.mark.slow
+def test_browser_tokenizer_tab_and_model_card(page):
+    page.get_by_role("tab", name="Tokenizer").click()
+    text = "héllo 🙂 world"
+    page.fill("#tokenizer-input textarea", text)
+    page.wait_for_selector("#tokenizer-tokens .text:text-is('🙂')")  # the four bytes of 🙂 make one span
+    tokens = page.locator("#tokenizer-tokens .text").all_text_contents()
+    assert "".join(tokens) == text
+    page.wait_for_selector(f"#tokenizer-counts:has-text('{len(text)} characters')")
+
+    page.get_by_role("tab", name="Model card").click()
+    page.wait_for_selector("text=final validation loss 9.87")
+    page.wait_for_selector("img[src*='loss_curve']")
+    assert page.get_by_text("TinyForCausalLM").first.is_visible()

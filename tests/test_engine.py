@@ -1,0 +1,295 @@
+"""The inference engine: greedy output identical to `generate()` under batching, chunked prefill, prefix caching and a
+sliding-window ring cache; sampling filters equal transformers' processors; stop rules; window policies; errors."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from tiny_hf import TinyForCausalLM
+from tiny_hf.engine import (
+    ContextWindowError,
+    Engine,
+    EngineLoop,
+    QueueFullError,
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_logits,
+    fit_messages,
+)
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+PROMPTS = [
+    [5, 6, 7, 8, 9] * 4,
+    [10, 11, 12],
+    [5, 6, 7, 8, 9] * 4 + [3],  # shares a 16-token block with the first
+    [40] * 7,
+    list(range(3, 21)),
+    [5, 6, 7, 8, 9] * 4 + [3, 7],
+    [60, 61],
+]
+
+
+def sharp_model(**overrides) -> TinyForCausalLM:
+    """A random tiny model with a rescaled head, so greedy choices are clear-cut."""
+    model = TinyForCausalLM(tiny_config(tie_word_embeddings=False, **overrides)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1)
+    return model
+
+
+def generate_alone(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=2)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+VARIANTS = {
+    "rope": {},
+    "alibi": dict(position_embedding="alibi"),
+    "learned+gqa": dict(position_embedding="learned", num_key_value_heads=2),
+    "sinusoidal+post_norm": dict(position_embedding="sinusoidal", block="post_norm", norm="layernorm"),
+    "parallel+qk_norm+mqa": dict(block="parallel", qk_norm=True, num_key_value_heads=1),
+    "sliding_window": dict(sliding_window=8),
+    "dynamic_rope": dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_equals_generate_with_batching_chunks_and_prefix_cache(variant):
+    model = sharp_model(**VARIANTS[variant])
+    # 3 slots for 7 requests (continuous batching), 7-token budget (chunked prefill), prefix cache on.
+    engine = Engine(model, max_batch_size=3, token_budget=7)
+    lengths = [12, 5, 9, 12, 3, 10, 1]
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in lengths]
+    results = engine.generate(PROMPTS, params)
+    for prompt, n, result in zip(PROMPTS, lengths, results, strict=True):
+        assert result.token_ids == generate_alone(model, prompt, n), prompt
+        assert result.finish_reason == "length"
+    assert engine.stats["cached_prompt_tokens"] > 0  # the shared 16-token block was reused
+    assert not engine.has_unfinished() and all(owner is None for owner in engine.slot_owner)
+
+
+def test_requests_joining_mid_flight_do_not_disturb_running_ones():
+    model = sharp_model()
+    engine = Engine(model, max_batch_size=4)
+    first = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=20, **GREEDY))
+    tokens = {first: []}
+    for step in range(40):
+        if step in (3, 6, 7):  # join while the first is decoding
+            tokens[engine.add_request(PROMPTS[step - 2], SamplingParams(max_tokens=6 + step, **GREEDY))] = []
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    assert not engine.has_unfinished()
+    expected = [generate_alone(model, PROMPTS[0], 20)] + [
+        generate_alone(model, PROMPTS[s - 2], 6 + s) for s in (3, 6, 7)
+    ]
+    assert list(tokens.values()) == expected
+
+
+def test_prefix_cache_hit_skips_prompt_compute_and_keeps_output():
+    model = sharp_model()
+    engine = Engine(model, max_batch_size=2)
+    system = list(range(3, 35))  # two full blocks
+    a = engine.generate([system + [40, 41]], SamplingParams(max_tokens=5, **GREEDY))[0]
+    b = engine.generate([system + [50]], SamplingParams(max_tokens=5, **GREEDY))[0]
+    assert engine.stats["cached_prompt_tokens"] == 32
+    assert a.token_ids == generate_alone(model, system + [40, 41], 5)
+    assert b.token_ids == generate_alone(model, system + [50], 5)
+    assert engine.metrics()["prefix_cache_hit_rate"] > 0
+
+
+def test_sliding_window_ring_cache_generates_past_the_cache_length():
+    model = sharp_model(sliding_window=8)
+    engine = Engine(model, max_batch_size=2, max_seq_len=24, window_policy="sliding", token_budget=5)
+    prompt = list(range(3, 23))  # 20 tokens, then 30 more: 50 positions in a 24-entry ring
+    out = engine.generate([prompt, [7, 8, 9]], SamplingParams(max_tokens=30, **GREEDY))
+    assert out[0].token_ids == generate_alone(model, prompt, 30)
+    assert out[1].token_ids == generate_alone(model, [7, 8, 9], 30)
+
+
+def test_window_policies():
+    model = sharp_model()
+    reject = Engine(model, max_seq_len=32)
+    with pytest.raises(ContextWindowError, match=r"context window is 32 tokens.*40 .*30 in the prompt, 10 for"):
+        reject.add_request(list(range(3, 33)), SamplingParams(max_tokens=10))
+    # Without max_tokens a prompt that fits runs until the window is full.
+    out = reject.generate([list(range(3, 23))], SamplingParams(**GREEDY))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 32 - 20
+
+    truncate = Engine(model, max_seq_len=32, window_policy="truncate")
+    prompt = list(range(3, 43))
+    out = truncate.generate([prompt], SamplingParams(max_tokens=10, **GREEDY))[0]
+    assert out.prompt_token_ids == prompt[-22:]  # the oldest tokens went, room for 10 is left
+    assert out.token_ids == generate_alone(model, prompt[-22:], 10)
+
+    with pytest.raises(ValueError, match="sliding_window"):
+        Engine(model, window_policy="sliding")
+    with pytest.raises(ValueError, match="window_policy='wrap' is not one of"):
+        Engine(model, window_policy="wrap")
+
+
+def test_fit_messages_drops_oldest_turns_but_keeps_the_system_prompt(tiny_lm_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    messages = [{"role": "system", "content": "You answer questions about Python."}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "ok " * 5}]
+    messages.append({"role": "user", "content": "last question"})
+    full, _ = fit_messages(tokenizer, messages, budget=10_000, policy="truncate")
+    ids, dropped = fit_messages(tokenizer, messages, budget=len(full) // 2, policy="truncate")
+    assert len(ids) <= len(full) // 2 and dropped > 0
+    text = tokenizer.decode(ids)
+    assert "You answer questions about Python." in text and "last question" in text and "question 0" not in text
+    with pytest.raises(ContextWindowError, match="system prompt and the last message"):
+        fit_messages(tokenizer, messages, budget=5, policy="truncate")
+
+
+@pytest.mark.parametrize("k,p,m", [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.2), (7, 0.9, 0.05)])
+def test_filters_equal_transformers_warpers(k, p, m):
+    logits = torch.randn(4, 50) * 3
+    ours = filter_logits(logits, top_k=torch.tensor([k] * 4), top_p=torch.tensor([p] * 4), min_p=torch.tensor([m] * 4))
+    theirs = logits.clone()
+    if k:
+        theirs = TopKLogitsWarper(k)(None, theirs)
+    if p < 1:
+        theirs = TopPLogitsWarper(p)(None, theirs)
+    if m > 0:
+        theirs = MinPLogitsWarper(m)(None, theirs)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    kept = ~torch.isinf(ours)
+    assert torch.equal(ours[kept], logits[kept])
+
+
+def test_repetition_penalty_equals_transformers():
+    logits = torch.randn(2, 30)
+    seen_ids = torch.tensor([[1, 5, 7, 7], [2, 3, 4, 29]])
+    seen = torch.zeros(2, 30, dtype=torch.bool).scatter(1, seen_ids, True)
+    ours = apply_repetition_penalty(logits, seen, torch.tensor([[1.3], [1.3]]))
+    assert torch.allclose(ours, RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone()))
+
+
+def test_top_k_1_is_greedy_and_seeded_sampling_ignores_the_batch():
+    model = sharp_model()
+    greedy = Engine(model).generate(PROMPTS[:2], SamplingParams(max_tokens=8, **GREEDY))
+    top1 = Engine(model).generate(PROMPTS[:2], SamplingParams(max_tokens=8, top_k=1, ignore_eos=True))
+    assert [r.token_ids for r in greedy] == [r.token_ids for r in top1]
+
+    seeded = SamplingParams(max_tokens=12, temperature=1.5, seed=123, ignore_eos=True)
+    alone = Engine(model).generate([PROMPTS[1]], seeded)[0].token_ids
+    others = SamplingParams(max_tokens=12, temperature=1.5, ignore_eos=True)
+    batched = Engine(model).generate([PROMPTS[0], PROMPTS[1], PROMPTS[3]], [others, seeded, others])[1].token_ids
+    assert alone == batched
+    other_seed = Engine(model).generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=1.5, seed=124,
+                                                                      ignore_eos=True))[0].token_ids  # fmt: skip
+    assert other_seed != alone
+
+
+def test_stop_ids_stop_strings_and_streamed_text(tiny_lm_dir):
+    engine = Engine.from_pretrained(str(tiny_lm_dir))
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    full = engine.generate(["The json module"], params)[0]
+    deltas = list(engine.stream("The json module", params))
+    assert "".join(d.text for d in deltas) == full.text and deltas[-1].finished
+    assert sum(len(d.token_ids) for d in deltas) == len(full.token_ids) == 40
+
+    stop = full.text[10:13]
+    cut = engine.generate(["The json module"], SamplingParams(max_tokens=40, stop=[stop], **GREEDY))[0]
+    assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(d.text for d in engine.stream("The json module", SamplingParams(max_tokens=40, stop=[stop],
+                                                                                        **GREEDY)))  # fmt: skip
+    assert streamed == cut.text  # the held-back characters never leaked the stop string
+
+    stop_id = full.token_ids[5]
+    ids = engine.generate(["The json module"], SamplingParams(max_tokens=40, stop_token_ids=[stop_id], **GREEDY))
+    assert ids[0].token_ids == full.token_ids[: full.token_ids.index(stop_id) + 1]
+    assert ids[0].finish_reason == "stop"
+
+
+def test_abort_frees_the_slot_and_queue_is_bounded():
+    engine = Engine(sharp_model(), max_batch_size=1, max_queue=2)
+    a = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=40, **GREEDY))
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=3, **GREEDY))
+    engine.step()
+    engine.add_request(PROMPTS[2], SamplingParams(max_tokens=3, **GREEDY))
+    with pytest.raises(QueueFullError, match="queue is full"):
+        engine.add_request(PROMPTS[3])
+    engine.abort(a)
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+    assert finished[a] == "abort" and list(finished.values()).count("length") == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("temperature", -1), ("top_p", 0), ("top_k", -2), ("min_p", 1.5), ("max_tokens", 0), ("repetition_penalty", 0),
+     ("stop", [""])],
+)  # fmt: skip
+def test_bad_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_bad_requests_and_models_get_clear_errors():
+    engine = Engine(sharp_model())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request([5, 500])
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(ValueError, match="needs the engine to have a tokenizer"):
+        engine.add_request("text")
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4))  # fmt: skip
+    with pytest.raises(TypeError, match="use model.generate"):
+        Engine(llama)
+    with pytest.raises(ValueError, match="beyond the 'learned' position table"):
+        Engine(sharp_model(position_embedding="learned"), max_seq_len=1000)
+
+
+def test_engine_loop_serves_threads_and_asyncio_together(tiny_lm_dir):
+    engine = Engine.from_pretrained(str(tiny_lm_dir), max_batch_size=4)
+    prompts = ["The json module", "A tuple is", "lambda", "class", "import os"]
+    expected = {p: r.text for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_tokens=10, **GREEDY)),
+                                          strict=True)}  # fmt: skip
+    loop = EngineLoop(engine).start()
+    got = {}
+
+    def worker(prompt):
+        got[prompt] = "".join(d.text for d in loop.stream(prompt, SamplingParams(max_tokens=10, **GREEDY)))
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in prompts[:3]]
+    for t in threads:
+        t.start()
+
+    async def both():
+        async def one(prompt):
+            return "".join([d.text async for d in loop.astream(prompt, SamplingParams(max_tokens=10, **GREEDY))])
+
+        return await asyncio.gather(*(one(p) for p in prompts[3:]))
+
+    got.update(zip(prompts[3:], asyncio.run(both()), strict=True))
+    for t in threads:
+        t.join()
+    assert got == expected
+
+    # Shutdown: a request still running when the timeout is over is aborted; new requests are refused.
+    outputs = []
+    loop.submit("The", SamplingParams(max_tokens=250, ignore_eos=True), outputs.append)
+    loop.shutdown(timeout=0)
+    assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
+    with pytest.raises(RuntimeError, match="not running"):
+        loop.submit("The", None, outputs.append)

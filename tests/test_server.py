@@ -1,0 +1,315 @@
+"""The OpenAI-compatible server, live on loopback, driven by the official `openai` client (and raw HTTP for what the
+client cannot send). Answers are checked against `generate()` on the same weights."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from app.server import build_app
+from tiny_hf.engine import Engine, EngineLoop
+
+# One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
+pytestmark = pytest.mark.xdist_group("server")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn in a thread, serving `build_app` for an engine over the tiny model."""
+
+    def __init__(self, model_dir, api_key=None, **engine_kwargs):
+        self.engine = Engine.from_pretrained(str(model_dir), device="cpu", **engine_kwargs)
+        self.loop = EngineLoop(self.engine).start()
+        app = build_app(self.loop, model_name="tiny", api_key=api_key, shutdown_timeout=5)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             **kwargs)  # fmt: skip
+
+    def metrics(self) -> dict:
+        text = httpx.get(self.url + "/metrics").text
+        return {line.split()[0][len("tiny_hf_") :]: float(line.split()[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}  # fmt: skip
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm_dir):
+    live = LiveServer(tiny_lm_dir, max_batch_size=8, max_seq_len=128)
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm_dir):
+    """Greedy continuations by transformers' `generate()` on the same weights, one prompt at a time."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+
+    def continuation(prompt_ids: list[int], max_tokens: int, stop_ids=(0,)) -> list[int]:
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        return out[0, len(prompt_ids) :].tolist()
+
+    continuation.tokenizer = tokenizer
+    return continuation
+
+
+def expected_text(reference, prompt_ids, max_tokens, stop_ids=(0,)):
+    return reference.tokenizer.decode(reference(prompt_ids, max_tokens, stop_ids), skip_special_tokens=True)
+
+
+def test_health_models_and_metrics(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    metrics = server.metrics()
+    assert {"queue_length", "running", "tokens_per_second", "generated_tokens"} <= metrics.keys()
+
+
+def test_completion_matches_generate(server, reference):
+    prompt = "The json module"
+    ids = reference.tokenizer(prompt).input_ids
+    out = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected_text(reference, ids, 12)
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens == len(reference(ids, 12))
+
+
+def test_completion_of_several_prompts_and_token_ids(server, reference):
+    prompts = ["A dictionary is", "To read a file, use"]
+    out = server.client().completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0)
+    for prompt, choice in zip(prompts, out.choices, strict=True):
+        assert choice.text == expected_text(reference, reference.tokenizer(prompt).input_ids, 6)
+    ids = reference.tokenizer("lambda").input_ids
+    out = server.client().completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert out.choices[0].text == expected_text(reference, ids, 5)
+
+
+def test_chat_and_streamed_chat_agree_with_generate(server, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a tuple?"}]
+    tokenizer = reference.tokenizer
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    want = expected_text(reference, list(ids), 20, stop_ids=(0, end))
+
+    client = server.client()
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == want
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [out.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_streamed_completion_and_stop_strings(server, reference):
+    client = server.client()
+    full = client.completions.create(model="tiny", prompt="The", max_tokens=30, temperature=0).choices[0].text
+    streamed = client.completions.create(model="tiny", prompt="The", max_tokens=30, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = client.completions.create(model="tiny", prompt="The", max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(server):
+    client = server.client()
+    args = dict(model="tiny", prompt="The json module", max_tokens=15, temperature=1.0, top_p=0.9, seed=7)
+    a, b = (client.completions.create(**args).choices[0].text for _ in range(2))
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        (dict(temperature=5.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(extra_body={"top_k": -1}), "top_k"),
+        (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+        (dict(n=2), "n"),
+    ],
+)
+def test_out_of_range_parameters_are_400_naming_the_field(server, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as error:
+        server.client().completions.create(model="tiny", prompt="x", **kwargs)
+    assert error.value.status_code == 400
+    assert param in error.value.body["message"]
+    assert error.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(server):
+    with pytest.raises(openai.NotFoundError) as error:
+        server.client().chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert error.value.body["code"] == "model_not_found"
+    assert "gpt-4" in error.value.body["message"]
+
+
+def test_prompt_over_the_window_is_400_context_length_exceeded(server):
+    long = "word " * 400  # well over the 128-token window
+    with pytest.raises(openai.BadRequestError) as error:
+        server.client().completions.create(model="tiny", prompt=long, max_tokens=5)
+    assert error.value.body["code"] == "context_length_exceeded"
+    assert "128" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": long}])
+    assert error.value.body["code"] == "context_length_exceeded"
+
+
+def test_malformed_requests_get_openai_error_bodies(server):
+    for body in (b"{not json", b'{"model": "tiny"}', b'{"model": "tiny", "messages": []}',
+                 b'{"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}'):  # fmt: skip
+        response = httpx.post(server.url + "/v1/chat/completions", content=body,
+                              headers={"Content-Type": "application/json"})  # fmt: skip
+        assert response.status_code == 400, body
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+    response = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ""})
+    assert response.status_code == 400 and "empty" in response.json()["error"]["message"]
+
+
+def test_api_key_is_required_when_set(tiny_lm_dir):
+    live = LiveServer(tiny_lm_dir, api_key="s3cret", max_batch_size=2, max_seq_len=64)
+    try:
+        with pytest.raises(openai.AuthenticationError) as error:
+            live.client(api_key="wrong").models.list()
+        assert error.value.status_code == 401
+        assert live.client(api_key="s3cret").models.list().data[0].id == "tiny"
+        assert httpx.get(live.url + "/health").status_code == 200  # health stays open for load balancers
+    finally:
+        live.close()
+
+
+def test_full_queue_answers_429_and_others_complete(tiny_lm_dir):
+    live = LiveServer(tiny_lm_dir, max_batch_size=1, max_queue=1, max_seq_len=256)
+    try:
+        client = live.client()
+
+        def ask(_):
+            try:
+                out = client.completions.create(model="tiny", prompt="The", max_tokens=150, temperature=0,
+                                                extra_body={"ignore_eos": True})  # fmt: skip
+                return out.usage.completion_tokens
+            except openai.RateLimitError as error:
+                assert error.body["code"] == "queue_full"
+                return 429
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(ask, range(6)))
+        assert 429 in results
+        assert all(r in (150, 429) for r in results) and 150 in results
+    finally:
+        live.close()
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server):
+    before = server.metrics()["generated_tokens"]
+    body = {"model": "tiny", "prompt": "The", "max_tokens": 120, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the first event; then hang up
+    deadline = time.monotonic() + 30
+    while server.metrics()["running"] > 0:
+        assert time.monotonic() < deadline, "the aborted request kept its slot"
+        time.sleep(0.05)
+    assert server.metrics()["generated_tokens"] - before < 120
+
+
+def test_concurrent_load_every_answer_matches_its_request(server, reference):
+    """64 requests, 16 at a time, each with its own prompt and length: no errors, and every answer is exactly the
+    one `generate()` gives for that prompt alone (no cross-talk between batch rows or cache slots)."""
+    words = ["json", "tuple", "lambda", "yield", "class", "import", "while", "dict"]
+    prompts = [" ".join(words[(i + j) % len(words)] for j in range(1 + i % 5)) for i in range(64)]
+    lengths = [4 + i % 9 for i in range(64)]
+    client = server.client()
+
+    def ask(i):
+        out = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        return out.choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(64)))
+    for prompt, n, answer in zip(prompts, lengths, answers, strict=True):
+        assert answer == expected_text(reference, reference.tokenizer(prompt).input_ids, n), prompt
+
+
+@pytest.mark.slow
+def test_cli_serves_and_shuts_down_gracefully(tiny_lm_dir, tmp_path):
+    """`python -m app.server` in its own process: SIGTERM while a stream is running lets it finish, then exits."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.server", "--model", str(tiny_lm_dir), "--port", str(port),
+         "--served-model-name", "tiny", "--max-seq-len", "256", "--shutdown-timeout", "60"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.1)
+        body = {"model": "tiny", "prompt": "The", "max_tokens": 100, "stream": True, "ignore_eos": True}
+        events = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                events.append(line)
+                if len(events) == 1:
+                    proc.send_signal(signal.SIGTERM)
+        chunks = [json.loads(e[len("data: ") :]) for e in events if e != "data: [DONE]"]
+        assert events[-1] == "data: [DONE]"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        # uvicorn re-raises the SIGTERM it handled once shutdown is complete, so the exit status says "terminated".
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

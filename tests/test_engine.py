@@ -48,10 +48,10 @@ def sharp_model(**overrides) -> TinyForCausalLM:
 
 
 def generate_alone(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=2)  # fmt: skip
-    return out[0, len(prompt) :].tolist()
+    return out[0, len(prompt) :].cpu().tolist()
 
 
 VARIANTS = {
@@ -78,6 +78,31 @@ def test_greedy_equals_generate_with_batching_chunks_and_prefix_cache(variant):
         assert result.finish_reason == "length"
     assert engine.stats["cached_prompt_tokens"] > 0  # the shared 16-token block was reused
     assert not engine.has_unfinished() and all(owner is None for owner in engine.slot_owner)
+
+
+@pytest.mark.parametrize("variant", ["rope", "alibi", "learned+gqa", "sliding_window"])
+def test_static_decode_for_cuda_graphs_equals_generate(variant):
+    """The fixed-shape decode step that CUDA graphs replay (padded batch, keys over the whole window), run on the CPU:
+    padding rows must not disturb live ones, including slots that are still computing their prompts."""
+    model = sharp_model(**VARIANTS[variant])
+    engine = Engine(model, max_batch_size=4, token_budget=7, static_decode=True)
+    assert engine.static_decode
+    lengths = [12, 5, 9, 12, 3, 10, 1]
+    results = engine.generate(PROMPTS, [SamplingParams(max_tokens=n, **GREEDY) for n in lengths])
+    for prompt, n, result in zip(PROMPTS, lengths, results, strict=True):
+        assert result.token_ids == generate_alone(model, prompt, n), prompt
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["rope", "learned+gqa"])
+def test_cuda_graph_decode_equals_generate(variant):
+    model = sharp_model(**VARIANTS[variant]).cuda()
+    engine = Engine(model, max_batch_size=4)
+    assert engine.cuda_graphs
+    results = engine.generate(PROMPTS, SamplingParams(max_tokens=8, **GREEDY))
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert result.token_ids == generate_alone(model, prompt, 8), prompt
+    assert engine._graphs  # the decode steps were replayed from captured graphs
 
 
 def test_requests_joining_mid_flight_do_not_disturb_running_ones():

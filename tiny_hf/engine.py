@@ -335,11 +335,15 @@ class Engine:
         max_queue: Requests that may wait for a slot; one more raises `QueueFullError`.
         prefix_cache_tokens: Prompt tokens whose KV is kept for reuse (0 turns prefix caching off).
         window_policy: What to do with a prompt that does not fit: one of WINDOW_POLICIES.
+        cuda_graphs: Replay each decode step as a CUDA graph (default: on when the model is on a GPU).
+        static_decode: Decode with the fixed shapes CUDA graphs need, without capturing them (what the graphs run,
+            testable on a CPU). Not used with the sliding ring or dynamic NTK RoPE.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 16, max_seq_len: int | None = None,
                  token_budget: int = 512, max_queue: int = 256, prefix_cache_tokens: int = 16384,
-                 window_policy: str = "reject"):  # fmt: skip
+                 window_policy: str = "reject", cuda_graphs: bool | None = None,
+                 static_decode: bool = False):  # fmt: skip
         config = model.config
         for name in ("embed_tokens", "add_positions", "layers", "norm"):
             if not hasattr(getattr(model, "model", None), name) or not hasattr(model, "lm_head"):
@@ -390,6 +394,20 @@ class Engine:
         self.eos_ids = {eos if eos is not None else config.eos_token_id} - {None}
         self.slopes = getattr(model.model, "alibi_slopes", None)
         self.dynamic_rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None) == "dynamic"
+        # Decode with fixed shapes (batch padded to a power of two, keys over the whole window) so that each step is
+        # one CUDA-graph replay: on a GPU the Python and launch overhead of ~100 small kernels per token is what
+        # limits batch-1 speed (FACTS: 13.6 ms eager vs 1.3 ms graphed per token for GPT-2 small).
+        # Not for the sliding ring or dynamic NTK RoPE, whose shapes or tables change from step to step.
+        on_gpu = self.device.type == "cuda"
+        static_ok = not (self.ring or self.dynamic_rope)
+        graphs_ok = on_gpu and static_ok
+        self.cuda_graphs = graphs_ok if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not graphs_ok:
+            raise ValueError(
+                "cuda_graphs=True needs the model on a CUDA device, and neither the sliding policy nor dynamic RoPE"
+            )
+        self.static_decode = (static_decode or self.cuda_graphs) and static_ok
+        self._graphs: dict[int, tuple] = {}  # padded batch size -> (graph, ids, positions, logits)
 
         self.waiting: deque[_Request] = deque()
         self.prefilling: list[_Request] = []  # admitted, prompt not fully computed; slots from the top
@@ -621,10 +639,71 @@ class Engine:
         batch = self.decoding
         ids = torch.tensor([[r.output_ids[-1]] for r in batch], device=self.device)
         positions = torch.tensor([[r.num_computed] for r in batch], device=self.device)
-        logits = self._forward(slice(0, len(batch)), ids, positions, last_only=True)
+        if self.static_decode:
+            logits = self._decode_static(ids, positions)
+        else:
+            logits = self._forward(slice(0, len(batch)), ids, positions, last_only=True)
         for r in batch:
             r.num_computed += 1
         return self._accept(list(batch), logits)
+
+    def _decode_static(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decode step with fixed shapes: the batch is padded to the next power of two and attention spans the
+        whole window (the mask hides what is not written), so one CUDA graph per padded size can be replayed.
+        Padding rows write their (ignored) key to the window's last entry, which no live sequence still needs:
+        a sequence stops before it would attend to that entry."""
+        n = ids.shape[0]
+        size = min(1 << (n - 1).bit_length(), self.max_batch_size)
+        pad_ids = torch.zeros(size, 1, dtype=torch.long, device=self.device)
+        pad_positions = torch.full((size, 1), -1, dtype=torch.long, device=self.device)
+        pad_ids[:n], pad_positions[:n] = ids, positions
+        if not self.cuda_graphs:
+            return self._static_forward(pad_ids, pad_positions)[:n]
+        if size not in self._graphs:
+            self._graphs[size] = self._capture(pad_ids, pad_positions)
+        graph, static_ids, static_positions, static_logits = self._graphs[size]
+        static_ids.copy_(pad_ids)
+        static_positions.copy_(pad_positions)
+        graph.replay()
+        return static_logits[:n].clone()
+
+    def _static_forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Decode logits (B, V) for ids/positions (B, 1), where position -1 marks a padding row; tensor ops only."""
+        cache, model = self.cache, self.model.model
+        last = cache.max_len - 1
+        write_index = torch.where(positions >= 0, positions, last)
+        cache.bind(slice(0, ids.shape[0]), write_index, positions, cache.max_len)
+        hidden, position_embeddings = model.add_positions(model.embed_tokens(ids), positions.clamp(min=0))
+        key_positions = cache.positions[: ids.shape[0]]  # (B, max_len)
+        allowed = (key_positions >= 0) & (key_positions <= positions)  # (B, max_len); padding rows see nothing...
+        allowed[:, last] |= positions[:, 0] < 0  # ...but their own entry, so their softmax stays finite
+        if self.sliding_window:
+            allowed &= positions - key_positions < self.sliding_window
+        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        bias = bias.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None, None]  # (B, 1, 1, max_len)
+        if self.slopes is not None:
+            distance = (positions - key_positions).clamp(min=0).to(self.dtype)[:, None, None]  # (B, 1, 1, max_len)
+            bias = (bias - self.slopes.to(self.dtype)[None, :, None, None] * distance).clamp(
+                min=torch.finfo(self.dtype).min
+            )
+        for layer in model.layers:
+            hidden, _ = layer(hidden, attention_bias=bias, position_embeddings=position_embeddings, cache=cache)
+        return self.model.lm_head(model.norm(hidden)).float()[:, -1]
+
+    def _capture(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """Record the static decode step for this padded batch size as a CUDA graph (warm up on a side stream first,
+        as torch.cuda.graphs requires); replays then reuse its input and output buffers."""
+        static_ids, static_positions = ids.clone(), positions.clone()
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._static_forward(static_ids, static_positions)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = self._static_forward(static_ids, static_positions)
+        return graph, static_ids, static_positions, static_logits
 
     def _accept(self, batch: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
         """Sample one token per request from logits (B, V), append it, check the stop conditions, stream text."""

@@ -601,7 +601,10 @@ class TinyModel(TinyPreTrainedModel):
         """
         hidden_states = inputs_embeds
         if self.config.position_embedding in ABSOLUTE_POSITIONS:
-            max_position = int(position_ids.max())
+            # The range check reads a value back from the device, which a CUDA-graph capture cannot do; the inference
+            # engine, the only capturer, keeps every position inside its window, itself inside the table.
+            capturing = position_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+            max_position = -1 if capturing else int(position_ids.max())
             if max_position >= self.config.max_position_embeddings:
                 raise ValueError(
                     f"position {max_position} is beyond max_position_embeddings={self.config.max_position_embeddings} "

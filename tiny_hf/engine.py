@@ -341,7 +341,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 token_budget: int = 512, max_queue: int = 256, prefix_cache_tokens: int = 16384,
+                 token_budget: int = 512, max_queue: int = 256, prefix_cache_tokens: int = 4096,
                  window_policy: str = "reject", cuda_graphs: bool | None = None,
                  static_decode: bool = False):  # fmt: skip
         config = model.config

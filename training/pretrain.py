@@ -55,7 +55,7 @@ from training.data import (  # noqa: E402
     parse_data_spec,
     token_byte_lengths,
 )
-from training.metrics import load_lm_metric  # noqa: E402
+from training.evaluation import loss_sums, metrics_from_sums  # noqa: E402
 
 SAMPLE_PROMPTS = ["The json module", "A list is", "To open a file"]
 
@@ -338,30 +338,9 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
 @torch.no_grad()
 def run_evaluation(model, val_blocks: torch.Tensor, byte_lengths: torch.Tensor, accelerator, batch_size: int) -> dict:
     """Validation loss, perplexity and bits per byte over `val_blocks`, each process taking every N-th block."""
-    model.eval()
-    metric = load_lm_metric()
     shard = val_blocks[accelerator.process_index :: accelerator.num_processes]
-    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nats, tokens, bytes
-    for start in range(0, len(shard), batch_size):
-        ids = shard[start : start + batch_size].to(accelerator.device)
-        with accelerator.autocast():
-            logits = model(input_ids=ids, use_cache=False).logits
-        nats = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="sum")
-        targets = ids[:, 1:]
-        sums += torch.tensor(
-            [nats.item(), targets.numel(), byte_lengths[targets.cpu()].sum().item()],
-            dtype=torch.float64,
-            device=accelerator.device,
-        )
-    sums = accelerator.reduce(sums, reduction="sum")
-    model.train()
-    metric.add(losses=sums[0].item(), num_tokens=int(sums[1].item()), num_bytes=int(sums[2].item()))
-    result = metric.compute()
-    return {
-        "val_loss": result["loss"],
-        "val_perplexity": result["perplexity"],
-        "val_bits_per_byte": result["bits_per_byte"],
-    }
+    sums = loss_sums(model, shard, byte_lengths, batch_size=batch_size, autocast=accelerator.autocast)
+    return metrics_from_sums(accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu())
 
 
 @torch.no_grad()

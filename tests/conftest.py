@@ -9,6 +9,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import json  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -40,6 +42,13 @@ def tiny_config(**overrides):
         vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
     )
     return TinyConfig(**{**fields, **overrides})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for servers and process groups started in tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_without_tiny_hf(code: str, tmp_path) -> subprocess.CompletedProcess:
@@ -77,3 +86,20 @@ def tiny_lm_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_run_dir(tiny_lm_dir, tmp_path):
+    """A pretraining run folder without the training (what compression scripts take as --model): `tiny_lm_dir` as
+    model/ and a run_config.json whose data is a small local corpus with a 20% validation split."""
+    from tiny_hf.corpus import DOC_SEPARATOR, topic_documents
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    for file in tiny_lm_dir.iterdir():
+        (run / "model" / file.name).write_bytes(file.read_bytes())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(DOC_SEPARATOR.join(d["text"] for d in topic_documents()[:60]))
+    config = {"data": str(corpus), "block_size": 32, "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache")}
+    (run / "run_config.json").write_text(json.dumps(config))
+    return run

@@ -3,13 +3,13 @@ Debian's chromium through Playwright. The model is the random tiny LM of `tiny_l
 summary and a loss curve, so every tab has something to show."""
 
 import shutil
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("gradio", reason="the demo needs the app extra: pip install -e '.[app]'")
+from conftest import free_port  # noqa: E402
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
@@ -33,12 +33,6 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TRICKY_TEXT = "The json module: héllo wörld 🙂\n\n  tabs\tand <|im_end|> special."
 # Greedy, so that a reply is the same on every run; short, so that the file stays fast.
 GREEDY = dict(system_prompt="", temperature=0.0, top_p=1.0, top_k=0, max_tokens=24, repetition_penalty=1.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ client cannot send). Answers are checked against `generate()` on the same weight
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.server import build_app
@@ -26,12 +26,6 @@ from tiny_hf.engine import Engine, EngineLoop
 pytestmark = pytest.mark.xdist_group("server")
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

@@ -1,0 +1,1 @@
+"""Fine-tuning and alignment stages: instruction data, SFT, reward model, DPO, PPO (each an entry script)."""

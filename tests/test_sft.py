@@ -1,0 +1,110 @@
+"""Instruction data and SFT: deterministic held-out split, assistant-only loss, packing that keeps conversations
+apart, and a short real SFTTrainer run that lowers the held-out loss."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from alignment import sft
+from alignment.data import docstring_pairs, instruction_dataset, load_chat_dataset, summary
+from tiny_hf import TinyForCausalLM, export
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def small_stdlib(tmp_path_factory) -> Path:
+    """A handful of real standard-library modules, so the data builds in a second."""
+    root = tmp_path_factory.mktemp("stdlib")
+    for name in ("json", "email", "logging", "asyncio", "http", "concurrent"):
+        shutil.copytree(STDLIB / name, root / name)
+    for name in ("textwrap.py", "shutil.py", "pathlib.py", "argparse.py", "csv.py", "heapq.py", "bisect.py"):
+        if (STDLIB / name).exists():
+            shutil.copy(STDLIB / name, root / name)
+    return root
+
+
+def test_summary_is_the_first_paragraph_on_one_line():
+    assert summary("Serialize obj\n   to a JSON string.\n\nMore details.") == "Serialize obj to a JSON string."
+
+
+def test_pairs_and_split_are_deterministic_and_held_out_by_module(small_stdlib):
+    pairs = docstring_pairs(str(small_stdlib))
+    assert pairs == docstring_pairs(str(small_stdlib))
+    dumps = next(p for p in pairs if p["name"] == "json.dumps")
+    assert "JSON formatted" in dumps["answer"] and "json.dumps" in dumps["question"]
+    assert not any(p["name"].split(".")[-1].startswith("_") for p in pairs)
+    ds = instruction_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
+    train_modules, test_modules = set(ds["train"]["module"]), set(ds["test"]["module"])
+    assert train_modules and test_modules and not train_modules & test_modules
+    assert [m["role"] for m in ds["train"][0]["messages"]] == ["user", "assistant"]
+
+
+def test_load_chat_dataset_reads_local_files_and_names_bad_columns(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(20)]  # fmt: skip
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = load_chat_dataset(str(tmp_path / "chats.jsonl"), val_fraction=0.25)
+    assert len(ds["train"]) == 15 and len(ds["test"]) == 5
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x"}))
+    with pytest.raises(ValueError, match="need 'messages' or 'prompt' \\+ 'completion'"):
+        load_chat_dataset(str(tmp_path / "bad.jsonl"))
+
+
+def test_packed_conversations_do_not_see_each_other(tiny_lm_dir):
+    """bfd packing restarts position_ids at each conversation and passes no attention mask: the loss of a packed row
+    must equal the losses of its conversations run alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    chats = [
+        [{"role": "user", "content": "What is a tuple?"}, {"role": "assistant", "content": "A sequence."}],
+        [{"role": "user", "content": "And a list?"}, {"role": "assistant", "content": "A mutable one."}],
+    ]
+    parts = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in chats]
+    packed = torch.tensor([parts[0] + parts[1]])
+    positions = torch.tensor([list(range(len(parts[0]))) + list(range(len(parts[1])))])
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=positions).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([p])).logits[0] for p in parts])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_lm_dir, tmp_path_factory) -> Path:
+    """A run folder holding the tiny model (exported as pretraining does)."""
+    from transformers import AutoTokenizer
+
+    run = tmp_path_factory.mktemp("run")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    model = TinyForCausalLM(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256))
+    export(model, tokenizer, run / "model")
+    return run
+
+
+@pytest.mark.slow
+def test_sft_lowers_the_held_out_loss_and_writes_the_report(tiny_run, tmp_path, small_stdlib, monkeypatch):
+    small = instruction_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
+    monkeypatch.setattr(sft, "load_chat_dataset", lambda spec, max_examples=None: small)
+    out = tmp_path / "sft"
+    figures = sft.main(["--model", str(tiny_run), "--out", str(out), "--max-steps", "30", "--batch-size", "4",
+                        "--max-length", "128", "--lr", "3e-3", "--eval-examples", "40", "--samples", "2",
+                        "--max-new-tokens", "8", "--results", str(tmp_path / "results")])  # fmt: skip
+    assert figures["held_out_loss_after"] < figures["held_out_loss_before"] - 0.5
+    assert len(figures["samples"]) == 2
+    assert (out / "model" / "config.json").exists() and (out / "summary.md").exists()
+    assert "held-out assistant loss" in (tmp_path / "results" / "sft.md").read_text()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+
+
+def test_sft_refuses_a_missing_model(tmp_path):
+    with pytest.raises(SystemExit, match="neither config.json"):
+        sft.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")])

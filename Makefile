@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[train,finetune,app,dev]"
+	$(PY) -m pip install --quiet -e ".[train,finetune,app,dev,rag]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 	@$(MAKE) --no-print-directory chromium

@@ -11,6 +11,15 @@ stage.
     ds = load_chat_dataset("path/to/chats.jsonl") or load_chat_dataset("HuggingFaceH4/no_robots")
 
 Rows are in TRL's conversational format (`messages`: a list of {"role", "content"}).
+
+Two more tasks for alignment, from the same pairs and with the same held-out modules:
+- preference (`preference_dataset`): `prompt` / `chosen` / `rejected`, where chosen is the real summary and
+  rejected is a plausible wrong answer: another object's summary (from the same module when it has one, which is
+  harder to tell apart), the right summary cut short, or its opening words repeated (what a degenerate policy
+  writes).
+- verifiable (`verifiable_dataset`, `exact_match_reward`): "Which module defines `dumps`?" -> "json", asked only
+  for names that one module defines, so code can check the answer. Split by name, not by module: the answer is
+  in the pretraining corpus (the module's documentation), and RL can only improve what pretraining put there.
 """
 
 from __future__ import annotations
@@ -26,6 +35,12 @@ from pathlib import Path
 import datasets
 
 from tiny_hf.corpus import SKIP_DIRS, _stable_fraction
+
+REJECTION_KINDS = ("other", "truncated", "repetitive")
+# What pretraining holds out by default (training/pretrain.py --val-fraction): the verifiable task asks only about
+# the other modules, whose documentation the model has read.
+PRETRAIN_VAL_FRACTION = 0.05
+MODULE_QUESTION = "Which module of the Python standard library defines `{name}`?"
 
 QUESTIONS = (
     "What does `{name}` do?",
@@ -137,3 +152,144 @@ def load_chat_dataset(spec: str, val_fraction: float = 0.05, max_examples: int |
     if max_examples is not None:
         loaded["train"] = loaded["train"].select(range(min(max_examples, len(loaded["train"]))))
     return datasets.DatasetDict({"train": loaded["train"], "test": loaded["test"]})
+
+
+def _split_of(pair: dict, val_fraction: float) -> str:
+    """The instruction data's split rule: a pair is held out when pretraining held out its module."""
+    return "test" if _stable_fraction(f"stdlib/{pair['module']}") < val_fraction else "train"
+
+
+def _rejected(pair: dict, kind: str, siblings: list[dict], everyone: list[dict]) -> str:
+    """A wrong answer of the given kind for `pair` (deterministic)."""
+    words = pair["answer"].split()
+    if kind == "truncated":
+        return " ".join(words[: max(2, len(words) // 3)])
+    if kind == "repetitive":
+        opening = " ".join(words[:3])
+        return " ".join([opening] * 4)
+    pool = [p for p in siblings if p["answer"] != pair["answer"]] or everyone
+    other = pool[_stable_index(pair["name"] + "/other", len(pool))]
+    if other["answer"] == pair["answer"]:  # only possible through the whole-corpus pool: take the next one
+        other = pool[(pool.index(other) + 1) % len(pool)]
+    return other["answer"]
+
+
+def preference_dataset(val_fraction: float = 0.05, max_examples: int | None = None,
+                       stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
+    """Preference pairs in TRL's conversational format: `prompt` (the user turn), `chosen` / `rejected` (one
+    assistant turn each), plus `kind` (which REJECTION_KINDS made the rejected answer), `id` and `module`.
+    Held out: the same modules as the instruction data. Chosen never equals rejected."""
+    pairs = docstring_pairs(stdlib_dir)
+    if max_examples is not None:
+        pairs = sorted(pairs, key=lambda p: _stable_fraction(p["name"]))[:max_examples]
+        pairs.sort(key=lambda p: p["name"])
+    by_module: dict[str, list[dict]] = {}
+    for pair in pairs:
+        by_module.setdefault(pair["module"], []).append(pair)
+    rows = {"train": [], "test": []}
+    for pair in pairs:
+        kind = REJECTION_KINDS[_stable_index(pair["name"] + "/kind", len(REJECTION_KINDS))]
+        rejected = _rejected(pair, kind, by_module[pair["module"]], pairs)
+        if rejected == pair["answer"]:
+            continue
+        rows[_split_of(pair, val_fraction)].append({
+            "id": pair["name"], "module": pair["module"], "kind": kind,
+            "prompt": [{"role": "user", "content": pair["question"]}],
+            "chosen": [{"role": "assistant", "content": pair["answer"]}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        })  # fmt: skip
+    if not rows["train"] or not rows["test"]:
+        raise ValueError(f"the preference data has {len(rows['train'])} train and {len(rows['test'])} held-out "
+                         f"pairs; use more modules or a larger val_fraction")  # fmt: skip
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
+
+
+def verifiable_dataset(val_fraction: float = 0.1, max_examples: int | None = None,
+                       stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
+    """ "Which module defines `name`?" in TRL's prompt-completion format (`prompt`, `completion`, and `answer`,
+    the module, for `exact_match_reward`), for public top-level functions and classes whose short name exactly
+    one module defines, from the modules pretraining trained on. Split by a hash of the name."""
+    pairs = [p for p in docstring_pairs(stdlib_dir) if p["name"].count(".") == p["module"].count(".") + 1]
+    pairs = [p for p in pairs if _split_of(p, PRETRAIN_VAL_FRACTION) == "train"]
+    modules_of: dict[str, set[str]] = {}
+    for pair in pairs:
+        modules_of.setdefault(pair["name"].rsplit(".", 1)[1], set()).add(pair["module"])
+    unique = [p for p in pairs if len(modules_of[p["name"].rsplit(".", 1)[1]]) == 1]
+    if max_examples is not None:
+        unique = sorted(unique, key=lambda p: _stable_fraction(p["name"]))[:max_examples]
+        unique.sort(key=lambda p: p["name"])
+    rows = {"train": [], "test": []}
+    for pair in unique:
+        short = pair["name"].rsplit(".", 1)[1]
+        split = "test" if _stable_fraction("verifiable/" + pair["name"]) < val_fraction else "train"
+        rows[split].append({
+            "id": pair["name"], "answer": pair["module"],
+            "prompt": [{"role": "user", "content": MODULE_QUESTION.format(name=short)}],
+            "completion": [{"role": "assistant", "content": f"`{pair['module']}`"}],
+        })  # fmt: skip
+    if not rows["train"] or not rows["test"]:
+        raise ValueError(f"the verifiable data has {len(rows['train'])} train and {len(rows['test'])} held-out "
+                         f"questions; use more modules or a larger val_fraction")  # fmt: skip
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
+
+
+def extract_module(text: str) -> str | None:
+    """The first dotted Python name in a response: "`json`" -> "json", "json.decoder, I think" -> "json.decoder"."""
+    match = re.search(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*", text.replace("`", " "))
+    return match.group(0).rstrip(".") if match else None
+
+
+def exact_match_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """1.0 where the first name in a completion is the defining module, else 0.0. TRL's reward-function signature:
+    completions are strings or conversational ([{"role": "assistant", "content": ...}]); `answer` is the dataset
+    column of the same name."""
+    scores = []
+    for completion, expected in zip(completions, answer, strict=True):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        scores.append(1.0 if extract_module(text) == expected else 0.0)
+    return scores
+
+
+def _as_turns(value, role: str) -> list[dict]:
+    """A TRL field as a list of chat turns: strings (standard format) become one turn of `role`."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def load_preference_dataset(
+    spec: str, val_fraction: float = 0.05, max_examples: int | None = None
+) -> datasets.DatasetDict:
+    """`embedded` (the docs preference pairs), a local .json/.jsonl file or folder, or a Hub dataset name, in TRL's
+    preference formats (`prompt` + `chosen` + `rejected`, or `chosen` + `rejected` with the prompt inside them;
+    strings or conversations). Returned conversational, with `prompt` ([] when implicit). Rows with a missing or
+    empty field, or with chosen == rejected, raise a ValueError naming the first one, before anything trains."""
+    if spec == "embedded":
+        return preference_dataset(val_fraction, max_examples)
+    path = Path(spec)
+    if path.exists():
+        files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.json*"))
+        if not files:
+            raise ValueError(f"--data {spec}: no .json or .jsonl files in the folder")
+        loaded = datasets.load_dataset("json", data_files=files)
+    else:
+        loaded = datasets.load_dataset(spec)  # the Hub; offline this needs the dataset in the local cache
+    splits = {}
+    for split, rows in loaded.items():
+        if missing := {"chosen", "rejected"} - set(rows.column_names):
+            raise ValueError(f"--data {spec}: preference rows need 'chosen' and 'rejected'; {sorted(missing)} missing")
+        fixed = []
+        for i, row in enumerate(rows):
+            for field in ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected"):
+                if not row[field]:
+                    raise ValueError(f"--data {spec}: {split} row {i} has an empty or missing {field!r}")
+            if row["chosen"] == row["rejected"]:
+                raise ValueError(f"--data {spec}: {split} row {i} has chosen == rejected, which teaches nothing")
+            prompt = _as_turns(row["prompt"], "user") if row.get("prompt") else []
+            fixed.append({**row, "prompt": prompt, "chosen": _as_turns(row["chosen"], "assistant"),
+                          "rejected": _as_turns(row["rejected"], "assistant")})  # fmt: skip
+        splits[split] = datasets.Dataset.from_list(fixed)
+    if "test" not in splits:
+        first = splits[next(iter(splits))]
+        splits = first.train_test_split(test_size=val_fraction, seed=0)
+    if max_examples is not None:
+        splits["train"] = splits["train"].select(range(min(max_examples, len(splits["train"]))))
+    return datasets.DatasetDict({"train": splits["train"], "test": splits["test"]})

@@ -10,10 +10,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import sysconfig  # noqa: E402
 import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -103,3 +106,16 @@ def tiny_run_dir(tiny_lm_dir, tmp_path):
     config = {"data": str(corpus), "block_size": 32, "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache")}
     (run / "run_config.json").write_text(json.dumps(config))
     return run
+
+
+@pytest.fixture(scope="session")
+def small_stdlib(tmp_path_factory) -> Path:
+    """A handful of real standard-library modules, so the data builds in a second."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    root = tmp_path_factory.mktemp("stdlib")
+    for name in ("json", "email", "logging", "asyncio", "http", "concurrent"):
+        shutil.copytree(stdlib / name, root / name)
+    for name in ("textwrap.py", "shutil.py", "pathlib.py", "argparse.py", "csv.py", "heapq.py", "bisect.py"):
+        if (stdlib / name).exists():
+            shutil.copy(stdlib / name, root / name)
+    return root

@@ -2,8 +2,6 @@
 apart, and a short real SFTTrainer run that lowers the held-out loss."""
 
 import json
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -13,20 +11,6 @@ from conftest import tiny_config
 from alignment import sft
 from alignment.data import docstring_pairs, instruction_dataset, load_chat_dataset, summary
 from tiny_hf import TinyForCausalLM, export
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-@pytest.fixture(scope="module")
-def small_stdlib(tmp_path_factory) -> Path:
-    """A handful of real standard-library modules, so the data builds in a second."""
-    root = tmp_path_factory.mktemp("stdlib")
-    for name in ("json", "email", "logging", "asyncio", "http", "concurrent"):
-        shutil.copytree(STDLIB / name, root / name)
-    for name in ("textwrap.py", "shutil.py", "pathlib.py", "argparse.py", "csv.py", "heapq.py", "bisect.py"):
-        if (STDLIB / name).exists():
-            shutil.copy(STDLIB / name, root / name)
-    return root
 
 
 def test_summary_is_the_first_paragraph_on_one_line():

@@ -46,10 +46,11 @@ if __package__ in (None, ""):  # run as a script: make `training` and `tiny_hf` 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tiny_hf  # noqa: E402  (registers the Auto classes)
+from app import resolve_model  # noqa: E402
 from tiny_hf.lora import find_linear  # noqa: E402
 from training.data import build_datasets, token_byte_lengths  # noqa: E402
 from training.evaluation import evaluate_lm, validation_set  # noqa: E402
-from training.quantize import bnb_cpu_compatible  # noqa: E402
+from training.quantize import bnb_cpu_blocks  # noqa: E402
 
 TASKS = {"causal-lm": (AutoModelForCausalLM, TaskType.CAUSAL_LM), "seq-cls": (AutoModelForSequenceClassification,
          TaskType.SEQ_CLS)}  # fmt: skip
@@ -128,14 +129,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # --- model -----------------------------------------------------------------------------------------------------------
-def resolve_model(name: str) -> tuple[str, Path | None]:
-    """(what from_pretrained loads, the run folder or None): a run folder's model is its model/ subfolder."""
-    path = Path(name)
-    if (path / "run_config.json").is_file() and (path / "model" / "config.json").is_file():
-        return str(path / "model"), path
-    return name, None
-
-
 def bnb_config(skip_modules: list[str] | None) -> BitsAndBytesConfig:
     """QLoRA's recipe: NF4 weights, double quantization of the scales, float32 compute (CPU); heads stay float."""
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
@@ -184,7 +177,9 @@ def load_model(source: str, task: str, *, qlora: bool, num_labels: int | None = 
         raise ValueError(f"--qlora: bitsandbytes could not quantize {source}: {error}") from error
     if qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = bnb_cpu_compatible(model, portable=True)
+        if not torch.cuda.is_available():  # the CPU kernels need some layers re-quantized from the float weights
+            kwargs.pop("quantization_config")
+            model = bnb_cpu_blocks(model, auto_class.from_pretrained(source, **kwargs), portable=True)
     return model
 
 
@@ -324,7 +319,11 @@ def main(argv=None) -> dict:
     check_args(args)
     started = time.perf_counter()
     set_seed(args.seed)
-    source, run_dir = resolve_model(args.model)
+    try:
+        source, folders = resolve_model(args.model)
+    except FileNotFoundError as error:
+        raise ValueError(f"--model {args.model}: {error}") from None
+    run_dir = next((folder for folder in folders if (folder / "run_config.json").is_file()), None)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or source)
     if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padding only ever pads seq-cls batches
         tokenizer.pad_token = tokenizer.eos_token

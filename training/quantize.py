@@ -60,28 +60,55 @@ def _ours(scheme: str, skip: tuple[str, ...] = ("lm_head",)) -> Callable:
     return lambda model_dir, fp32, group_size: quantize_model(copy.deepcopy(fp32), scheme, group_size, skip)
 
 
-def bnb_cpu_compatible(model: torch.nn.Module, *, portable: bool = False) -> torch.nn.Module:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its fast kernel at the first no-grad forward,
-    which assumes in_features is a multiple of the quantization block size (64): tiny-3m's 160-wide layers break it
-    (`shape '[160, 2]' is invalid`). Such layers keep the portable 4-bit path, in place; returns `model`.
+def bnb_cpu_blocks(
+    model: torch.nn.Module, float_model: torch.nn.Module | None, *, portable: bool = False
+) -> torch.nn.Module:
+    """Make bitsandbytes' 4-bit layers compute what they should on CPU, in place; returns `model`.
 
-    `portable=True` keeps every 4-bit layer on the portable path: the repacking also rounds the block scales to
-    bf16, so a QLoRA model evaluated before training and its reloaded adapter would compute with different scales.
+    bitsandbytes 0.50's CPU 4-bit kernels (the dequantization and the AVX512-BF16 packed matmul) find a value's block
+    per row, so they are right only when a layer's input width is a multiple of the block size (64): tiny-3m's 160
+    is not, and its NF4 weights came back with 25% relative error instead of 9% (perplexity doubled), or the packed
+    path failed (`shape '[160, 2]' is invalid`). Each such layer is quantized again from `float_model`'s weight in
+    the largest valid block size that divides its width (32 for 160), which the kernels handle. No-op on GPU.
+
+    `portable=True` also keeps every 4-bit layer off the packed path, which rounds the block scales to bf16 at the
+    first no-grad forward: a QLoRA model evaluated before training and its reloaded adapter would otherwise compute
+    with different scales.
     """
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and hasattr(module, "support_avx512bf16_for_cpu"):
-            if portable or module.in_features % state.blocksize:
-                module.support_avx512bf16_for_cpu = False
+    import bitsandbytes as bnb
+
+    floats = dict(float_model.named_modules()) if float_model is not None else {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is None or weight.device.type != "cpu":
+            continue
+        if module.in_features % state.blocksize:
+            sizes = [b for b in (64, 32) if module.in_features % b == 0]
+            if not sizes or name not in floats:
+                raise ValueError(
+                    f"{name}: bitsandbytes' CPU 4-bit kernels need an input width that is a multiple of 32 or 64, "
+                    f"and in_features={module.in_features} is not (or no float model was given to re-quantize from)"
+                )
+            source = floats[name].weight.detach().float().contiguous()
+            data, new_state = bnb.functional.quantize_4bit(source, blocksize=sizes[0], quant_type=state.quant_type,
+                                                           compress_statistics=state.nested)  # fmt: skip
+            new_state.dtype = state.dtype
+            module.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_state=new_state, blocksize=sizes[0],
+                                              compress_statistics=state.nested, quant_type=state.quant_type,
+                                              module=module, bnb_quantized=True)  # fmt: skip
+        if portable:
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
 def _bnb(**config) -> Callable:
     # Non-quantized parts (embedding, norms) load in float32: bf16 matmuls are many times slower on CPU.
-    return lambda model_dir, fp32, group_size: bnb_cpu_compatible(
+    return lambda model_dir, fp32, group_size: bnb_cpu_blocks(
         AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, quantization_config=BitsAndBytesConfig(**config)
-        ).eval()
+        ).eval(),
+        fp32,
     )
 
 
@@ -187,7 +214,7 @@ def save_and_reload(model: torch.nn.Module, tokenizer, blocks: torch.Tensor, fol
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    reloaded = bnb_cpu_compatible(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+    reloaded = bnb_cpu_blocks(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), None)
     diff = (first_block_logits(model, blocks) - first_block_logits(reloaded, blocks)).abs().max().item()
     disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     return {"path": str(folder), "safetensors_bytes": disk, "max_abs_logit_diff": diff}

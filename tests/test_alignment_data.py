@@ -1,0 +1,66 @@
+"""The alignment tasks built from the standard library's docstrings: preference pairs (chosen != rejected, each
+rejection kind present, held out by module like the instruction data) and the verifiable "which module defines"
+task with its exact-match reward."""
+
+import pytest
+
+from alignment.data import (
+    MODULE_QUESTION,
+    REJECTION_KINDS,
+    docstring_pairs,
+    exact_match_reward,
+    extract_module,
+    instruction_dataset,
+    preference_dataset,
+    verifiable_dataset,
+)
+
+
+def test_preference_pairs_are_deterministic_distinct_and_held_out_like_sft(small_stdlib):
+    ds = preference_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
+    again = preference_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
+    assert ds["train"]["rejected"] == again["train"]["rejected"]
+    sft = instruction_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
+    assert set(ds["test"]["module"]) == set(sft["test"]["module"])
+    assert not set(ds["train"]["module"]) & set(ds["test"]["module"])
+    answers = {p["name"]: p["answer"] for p in docstring_pairs(str(small_stdlib))}
+    kinds = set()
+    for row in ds["train"]:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+        assert chosen == answers[row["id"]] and rejected != chosen
+        if row["kind"] == "truncated":
+            assert chosen.startswith(rejected) and len(rejected) < len(chosen)
+        elif row["kind"] == "repetitive":
+            opening = " ".join(chosen.split()[:3])
+            assert rejected == " ".join([opening] * 4)
+        else:
+            assert rejected in answers.values()  # another object's real summary
+        kinds.add(row["kind"])
+    assert kinds == set(REJECTION_KINDS)
+
+
+def test_verifiable_questions_have_one_right_module(small_stdlib):
+    ds = verifiable_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
+    rows = list(ds["train"]) + list(ds["test"])
+    assert ds["test"].num_rows and not set(ds["train"]["id"]) & set(ds["test"]["id"])
+    short_names = [row["id"].rsplit(".", 1)[1] for row in rows]
+    assert len(short_names) == len(set(short_names))  # a name two modules define is never asked
+    dumps = next(row for row in rows if row["id"] == "json.dumps")
+    assert dumps["prompt"][0]["content"] == MODULE_QUESTION.format(name="dumps") and dumps["answer"] == "json"
+    assert exact_match_reward([dumps["completion"]], [dumps["answer"]]) == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "module"),
+    [("`json`", "json"), ("json.decoder, I think.", "json.decoder"), ("It is json.", "It"), ("", None)],
+)
+def test_extract_module_takes_the_first_dotted_name(text, module):
+    assert extract_module(text) == module
+
+
+def test_exact_match_reward_scores_strings_and_conversations():
+    completions = ["`email.utils`", [{"role": "assistant", "content": "json"}], "The json module", "???"]
+    assert exact_match_reward(completions, ["email.utils", "json", "json", "json"]) == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError):
+        exact_match_reward(["json"], ["json", "csv"])  # one answer per completion

@@ -232,11 +232,17 @@ def test_bad_inputs_fail_with_clear_messages(workspace, tmp_path, extra, match):
         finetune.main(finetune_args(workspace / "run", tmp_path / "bad", *extra))
 
 
-def test_qlora_refuses_a_model_quantized_by_another_method(workspace, tmp_path):
-    folder = tmp_path / "gptq"
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, r"already quantized \(quant_method='gptq'\)"),
+        ({"dtype": "int8"}, r"holds int8 weights; bitsandbytes quantizes \['float32', 'float16', 'bfloat16'"),
+    ],
+)
+def test_qlora_refuses_weights_bitsandbytes_cannot_quantize(workspace, tmp_path, change, match):
+    folder = tmp_path / "model"
     folder.mkdir()
     config = json.loads((workspace / "run" / "model" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"already quantized \(quant_method='gptq'\)"):
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=match):
         finetune.main(finetune_args(folder, tmp_path / "bad", "--qlora", "--tokenizer", str(workspace / "tokenizer")))

@@ -1,0 +1,122 @@
+"""DPO with TRL: full fine-tune (a frozen copy as the reference) and LoRA (adapters off as the reference) train,
+summarise the implicit rewards and export a model that AutoModelForCausalLM loads; a short run learns an easy
+preference; bad flags and bad rows fail before training; a stock Llama trains too."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignment import dpo
+
+TOPICS = ["lists", "files", "sockets", "threads", "dates", "paths", "json", "regexes", "queues", "sets"]
+
+
+def write_preferences(path, n: int = 60) -> None:
+    """Pairs a tiny model tells apart quickly: a varied sentence (chosen) against a stutter (rejected)."""
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        rows.append({
+            "prompt": [{"role": "user", "content": f"What is module {i} about?"}],
+            "chosen": [{"role": "assistant", "content": f"It works with {topic}."}],
+            "rejected": [{"role": "assistant", "content": " ".join(["the the"] * (2 + i % 3))}],
+            "kind": "repetitive",
+        })  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+
+
+@pytest.fixture
+def prefs(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    write_preferences(path)
+    return path
+
+
+def run(model_dir, data, out, *extra):
+    return dpo.main([
+        "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "4",
+        "--max-length", "64", "--warmup-steps", "0", "--logging-steps", "1", *extra,
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_trains_summarises_and_exports(tiny_lm_dir, prefs, tmp_path, lora):
+    out = tmp_path / "dpo"
+    extra = ["--lora", "--rank", "4", "--lr", "1e-2"] if lora else ["--lr", "1e-3"]
+    figures = run(tiny_lm_dir, prefs, out, "--max-steps", "3", "--results", str(tmp_path / "results"), *extra)
+    assert len(figures["log"]) == 3
+    for key in dpo.LOGGED:
+        assert key in figures["last_log"], key
+    assert 0 <= figures["held_out"]["accuracy"] <= 1 and figures["held_out"]["by_kind"].keys() == {"repetitive"}
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(figures))
+    assert "implicit-reward accuracy" in (out / "summary.md").read_text()
+    assert (tmp_path / "results" / "dpo.md").exists()
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged
+    assert AutoTokenizer.from_pretrained(out / "model").chat_template is not None
+
+
+def test_dpo_implicit_reward_accuracy_rises_above_chance(tiny_lm_dir, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    write_preferences(data, n=200)  # 10 held-out pairs
+    figures = run(tiny_lm_dir, data, tmp_path / "dpo", "--max-steps", "12", "--lr", "2e-3", "--beta", "0.5")
+    held = figures["held_out"]
+    assert held["logp_accuracy_reference"] < 0.5  # the random start prefers the stutter: DPO must turn that around
+    assert held["accuracy"] >= 0.8, held
+    assert held["mean_margin"] > 0 and held["mean_reward_chosen"] > held["mean_reward_rejected"]
+    assert figures["last_log"]["rewards/margins"] > figures["first_log"]["rewards/margins"]
+
+
+def test_bad_loss_type_and_rows_fail_clearly(tiny_lm_dir, prefs, tmp_path):
+    with pytest.raises(ValueError, match=r"--loss-type='dpo' is not one of \['sigmoid', 'hinge', 'ipo'"):
+        run(tiny_lm_dir, prefs, tmp_path / "a", "--loss-type", "dpo")
+    with pytest.raises(ValueError, match=r"--beta=0.0 must be > 0"):
+        run(tiny_lm_dir, prefs, tmp_path / "b", "--beta", "0")
+    with pytest.raises(ValueError, match="exo_pair needs --label-smoothing"):
+        run(tiny_lm_dir, prefs, tmp_path / "c", "--loss-type", "exo_pair")
+    bad = tmp_path / "bad.jsonl"
+    good = {"prompt": "Q?", "chosen": "A.", "rejected": "B."}
+    bad.write_text("\n".join(json.dumps(r) for r in [good, {**good, "rejected": "A."}]))
+    with pytest.raises(ValueError, match="row 1 has chosen == rejected"):
+        run(tiny_lm_dir, bad, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_other_loss_types_train(tiny_lm_dir, prefs, tmp_path):
+    figures = run(tiny_lm_dir, prefs, tmp_path / "ipo", "--max-steps", "1", "--loss-type", "ipo", "--lr", "1e-3")
+    assert figures["loss_type"] == "ipo" and len(figures["log"]) == 1
+
+
+def test_implicit_prompts_are_split_off(tiny_lm_dir, tmp_path):
+    rows = []
+    for i in range(40):
+        question = {"role": "user", "content": f"What is module {i} about?"}
+        rows.append({"chosen": [question, {"role": "assistant", "content": f"It works with {TOPICS[i % 10]}."}],
+                     "rejected": [question, {"role": "assistant", "content": "the the the"}]})  # fmt: skip
+    data = tmp_path / "implicit.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    figures = run(tiny_lm_dir, data, tmp_path / "dpo", "--max-steps", "1", "--lr", "1e-3")
+    assert len(figures["log"]) == 1 and figures["held_out"]["by_kind"].keys() == {"all"}
+    row = dpo.explicit_prompt({"prompt": [], **rows[0]})
+    assert row["prompt"] == rows[0]["chosen"][:1] and row["rejected"] == rows[0]["rejected"][1:]
+    with pytest.raises(ValueError, match="share no opening turn"):
+        dpo.explicit_prompt({"prompt": [], "chosen": [{"role": "user", "content": "a"}],
+                             "rejected": [{"role": "user", "content": "b"}]})  # fmt: skip
+
+
+def test_stock_llama_dpo_lora(tiny_lm_dir, prefs, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    llama_dir = tmp_path / "llama"
+    LlamaForCausalLM(config).save_pretrained(llama_dir)
+    tokenizer.save_pretrained(llama_dir)
+    out = tmp_path / "dpo"
+    figures = run(llama_dir, prefs, out, "--max-steps", "2", "--lora", "--rank", "4", "--lr", "1e-3")
+    assert len(figures["log"]) == 2
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(model).__name__ == "LlamaForCausalLM"

@@ -120,6 +120,7 @@ def instruction_dataset(val_fraction: float = 0.05, max_examples: int | None = N
         rows[split].append({
             "id": pair["name"],
             "module": pair["module"],
+            "task": "docs",
             "messages": [{"role": "user", "content": pair["question"]},
                          {"role": "assistant", "content": pair["answer"]}],
         })  # fmt: skip
@@ -129,12 +130,31 @@ def instruction_dataset(val_fraction: float = 0.05, max_examples: int | None = N
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
 
 
+def embedded_chat_dataset(val_fraction: float = 0.05, max_examples: int | None = None,
+                          stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
+    """What SFT trains on by default: the docstring Q&A (`task` "docs") and the verifiable module questions (`task`
+    "verifiable", answered "`json`"), each with its own held-out split. SFT teaches the verifiable task's answer
+    format, so the RL stages start from a model that gets part of it right and can only improve the rest."""
+    docs = instruction_dataset(val_fraction, max_examples, stdlib_dir)
+    verifiable = verifiable_dataset(max_examples=max_examples, stdlib_dir=stdlib_dir)
+
+    def as_chat(row: dict) -> dict:
+        return {"id": row["id"], "module": row["answer"], "task": "verifiable",
+                "messages": row["prompt"] + row["completion"]}  # fmt: skip
+
+    return datasets.DatasetDict({
+        split: datasets.concatenate_datasets([docs[split], verifiable[split].map(as_chat, remove_columns=[
+            c for c in verifiable[split].column_names if c != "id"])])
+        for split in ("train", "test")
+    })  # fmt: skip
+
+
 def load_chat_dataset(spec: str, val_fraction: float = 0.05, max_examples: int | None = None) -> datasets.DatasetDict:
     """`embedded` (the docstring Q&A), a local .json/.jsonl file or folder, or a Hub dataset name; rows must have
     `messages` (or `prompt` + `completion`, TRL's prompt-completion format). A source without a test split is
     split by `val_fraction`."""
     if spec == "embedded":
-        return instruction_dataset(val_fraction, max_examples)
+        return embedded_chat_dataset(val_fraction, max_examples)
     path = Path(spec)
     if path.exists():
         files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.json*"))

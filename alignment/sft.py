@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from alignment.data import load_chat_dataset  # noqa: E402
+from alignment.data import exact_match_reward, load_chat_dataset  # noqa: E402
 from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
 from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
@@ -97,7 +97,8 @@ def assistant_loss(model, tokenizer, conversations: list[list[dict]], batch_size
 
 def answer(model, tokenizer, questions: list[list[dict]], max_new_tokens: int) -> list[str]:
     """Greedy answers to chat prompts (the conversation without its last assistant turn), through the engine."""
-    engine = Engine(model, tokenizer, max_batch_size=max(1, len(questions)), window_policy="truncate")
+    engine = Engine(model, tokenizer, max_batch_size=max(1, min(32, len(questions))), max_queue=max(1, len(questions)),
+                    window_policy="truncate")  # fmt: skip
     end = tokenizer.convert_tokens_to_ids(IM_END)
     prompts = [tokenizer.apply_chat_template(q, add_generation_prompt=True, tokenize=True, return_dict=False)
                for q in questions]  # fmt: skip
@@ -148,20 +149,30 @@ def main(argv=None) -> dict:
                          "assistant-only loss needs (TinyTokenizerFast's template has them)")  # fmt: skip
     max_length = args.max_length or model.config.max_position_embeddings
     data = load_chat_dataset(args.data, max_examples=args.max_examples)
-    held_out = [row["messages"] for row in data["test"].select(range(min(args.eval_examples, len(data["test"]))))]
+    test = list(data["test"])
+    held_out = [row["messages"] for row in test if row.get("task", "docs") == "docs"][: args.eval_examples]
+    verifiable = [row for row in test if row.get("task") == "verifiable"][: args.eval_examples]
+
+    def exact_match(model) -> float | None:
+        """Held-out share of verifiable questions answered with the defining module (greedy)."""
+        if not verifiable:
+            return None
+        answers = answer(model, tokenizer, [r["messages"][:-1] for r in verifiable], args.max_new_tokens)
+        return sum(exact_match_reward(answers, [r["module"] for r in verifiable])) / len(verifiable)
+
     questions = [m[:-1] for m in held_out[: args.samples]]
     references = [m[-1]["content"] for m in held_out[: args.samples]]
 
     start = time.perf_counter()
-    before = {"loss": assistant_loss(model, tokenizer, held_out), "answers": answer(model, tokenizer, questions,
-                                                                                   args.max_new_tokens)}  # fmt: skip
+    before = {"loss": assistant_loss(model, tokenizer, held_out), "exact_match": exact_match(model),
+              "answers": answer(model, tokenizer, questions, args.max_new_tokens)}  # fmt: skip
     print(f"held-out assistant loss before SFT: {before['loss']:.3f}")
     trainer = SFTTrainer(model=model, args=sft_config(args, max_length), train_dataset=data["train"],
                          processing_class=tokenizer)  # fmt: skip
     trainer.train()
     model = trainer.model
-    after = {"loss": assistant_loss(model, tokenizer, held_out), "answers": answer(model, tokenizer, questions,
-                                                                                  args.max_new_tokens)}  # fmt: skip
+    after = {"loss": assistant_loss(model, tokenizer, held_out), "exact_match": exact_match(model),
+             "answers": answer(model, tokenizer, questions, args.max_new_tokens)}  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
     print(f"held-out assistant loss after SFT: {after['loss']:.3f} ({minutes:.1f} min)")
 
@@ -177,6 +188,8 @@ def main(argv=None) -> dict:
         "held_out_conversations": len(held_out), "max_steps": args.max_steps, "batch_size": args.batch_size,
         "max_length": max_length, "packing": args.packing, "lr": args.lr, "minutes": round(minutes, 2),
         "held_out_loss_before": before["loss"], "held_out_loss_after": after["loss"],
+        "verifiable_held_out": len(verifiable), "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
         "first_train_loss": train_losses[0] if train_losses else None,
         "last_train_loss": train_losses[-1] if train_losses else None,
         "samples": [{"question": q[-1]["content"], "reference": ref, "before": b, "after": a}
@@ -207,6 +220,16 @@ def summary_markdown(figures: dict) -> str:
         "|---|---:|",
         f"| before SFT | {figures['held_out_loss_before']:.3f} |",
         f"| after SFT | {figures['held_out_loss_after']:.3f} |",
+        *(
+            [
+                "",
+                f'Verifiable task ("Which module defines `X`?", {figures["verifiable_held_out"]} held-out names), '
+                f"greedy exact match: {figures['exact_match_before']:.1%} before, {figures['exact_match_after']:.1%} "
+                "after.",
+            ]
+            if figures.get("exact_match_after") is not None
+            else []
+        ),
         "",
         f"Greedy answers to held-out questions ({figures['held_out_conversations']} held-out conversations come from "
         "modules that pretraining also held out):",

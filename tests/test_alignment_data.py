@@ -64,3 +64,15 @@ def test_exact_match_reward_scores_strings_and_conversations():
     assert exact_match_reward(completions, ["email.utils", "json", "json", "json"]) == [1.0, 1.0, 0.0, 0.0]
     with pytest.raises(ValueError):
         exact_match_reward(["json"], ["json", "csv"])  # one answer per completion
+
+
+def test_sft_data_mixes_docs_and_the_verifiable_answer_format(small_stdlib):
+    from alignment.data import embedded_chat_dataset
+
+    ds = embedded_chat_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
+    for split in ("train", "test"):
+        assert set(ds[split]["task"]) == {"docs", "verifiable"}, split
+    row = next(r for r in ds["train"] if r["task"] == "verifiable")
+    assert row["messages"][-1] == {"role": "assistant", "content": f"`{row['module']}`"}
+    verifiable = verifiable_dataset(stdlib_dir=str(small_stdlib))
+    assert sorted(r["id"] for r in ds["test"] if r["task"] == "verifiable") == sorted(verifiable["test"]["id"])

@@ -1,0 +1,300 @@
+"""Retrieval side by side: our BM25 / dense / hybrid vs bm25s and sentence-transformers, in one process.
+
+Three tables:
+
+1. Quality on the held-out query set of rag.evaluate (questions rewritten from docstring summaries and pydoc topic
+   sentences, one relevant chunk each): recall@1/5/10, MRR@10, nDCG@10 as BEIR computes them. Embedding chunks with
+   all-MiniLM-L6-v2 runs at ~10 chunks/s on a loaded 2-core CPU, so this table uses a fixed pseudo-random sample of
+   `--max-docs` documents (0: all ~670 documents, ~4,900 chunks).
+2. BM25 speed vs bm25s on every chunk of the full corpus (chunking needs only the tokenizer): index build time and
+   queries/s, each library from raw text with its own tokenizer (bm25s.tokenize, no stopwords), and from the same
+   token lists. bm25s answers a batch of queries in one call (its usual use); ours answers them one by one.
+3. Exact dense search at scale: synthetic unit 384-d vectors (10k, 100k, 1M) in rag.dense.VectorStore as fp32,
+   fp16 and int8; memory, latency per query (scores + top-10), and recall@10 of fp16 / int8 against fp32, for
+   synthetic queries (a stored vector plus noise of the same norm) and for the real query set on the real chunks.
+
+Quote ratios: absolute times hold only for this machine and its load.
+
+    python bench/rag_bench.py                         # ~8 minutes on 2 loaded cores
+    python bench/rag_bench.py --max-docs 0 --device cuda --results bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from common import RESULTS_DIR, write_results  # noqa: E402
+
+from rag.bm25 import BM25, top_k  # noqa: E402
+from rag.chunking import chunk_documents  # noqa: E402
+from rag.dense import STORAGE_DTYPES, Encoder, VectorStore  # noqa: E402
+from rag.evaluate import RETRIEVER_NAMES, RETRIEVERS, build_queries, evaluate_index, sample_documents  # noqa: E402
+from rag.index import RagIndex  # noqa: E402
+from tiny_hf.corpus import build_documents  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- data ----
+    data = parser.add_argument_group("data")
+    data.add_argument("--max-docs", type=int, default=80, help="documents embedded for the quality table (0: all)")
+    data.add_argument("--queries", type=int, default=300, help="queries at most")
+    data.add_argument("--chunk-size", type=int, default=200)
+    data.add_argument("--overlap", type=int, default=32)
+    # ---- run ----
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="cpu", help="where the encoder runs")
+    run.add_argument("--repeats", type=int, default=3, help="BM25 timings are the best of this many runs")
+    run.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="synthetic vectors")
+    run.add_argument("--scale-queries", type=int, default=20, help="timed queries per size (fewer at 1M)")
+    run.add_argument("--seed", type=int, default=0)
+    # ---- output ----
+    out = parser.add_argument_group("output")
+    out.add_argument("--results", "--out", dest="results", type=Path, default=RESULTS_DIR)
+    out.add_argument("--name", default="rag", help="results file stem")
+    return parser.parse_args(argv)
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# ---- 1. quality ----
+def quality(args: argparse.Namespace, docs: list[dict], encoder: Encoder) -> dict:
+    subset = sample_documents(docs, args.max_docs or None)
+    index = RagIndex(encoder, chunk_size=args.chunk_size, overlap=args.overlap)
+    t0 = time.perf_counter()
+    index.add(subset)
+    embed_s = time.perf_counter() - t0
+    queries = build_queries(index.chunks, n=args.queries)
+    print(
+        f"quality: {len(queries)} queries, {len(index)} chunks of {len(subset)} documents ({embed_s:.0f} s to embed)"
+    )
+    results = evaluate_index(index, queries, retrievers=RETRIEVERS)
+    # int8 / fp16 storage on the real vectors: how much of the fp32 top-10 they keep, and the quality they give
+    texts = [q.text for q in queries]
+    qvec = encoder.encode(texts, overflow="truncate")
+    fp32 = VectorStore(encoder.dim, storage="fp32")
+    fp32.add(index.vectors.vectors())
+    truth = [top_k(s.numpy(), 10)[0] for s in fp32.scores(qvec)]
+    real_recall = {}
+    for storage in ("fp16", "int8"):
+        store = VectorStore(encoder.dim, storage=storage)
+        store.add(fp32.vectors())
+        got = [top_k(s.numpy(), 10)[0] for s in store.scores(qvec)]
+        real_recall[storage] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)]))
+    return {
+        "documents": len(subset),
+        "chunks": len(index),
+        "queries": len(queries),
+        "query_sources": {s: sum(q.source == s for q in queries) for s in ("docstring", "topic")},
+        "embed_seconds": embed_s,
+        "chunks_per_s": len(index) / embed_s,
+        "retrievers": results,
+        "real_recall_at_10_vs_fp32": real_recall,
+        "example_queries": [{"text": q.text, "sentence": q.sentence, "answer": q.answer} for q in queries[:5]],
+    }
+
+
+# ---- 2. BM25 speed ----
+def bm25_speed(args: argparse.Namespace, docs: list[dict], tokenizer) -> dict:
+    import bm25s
+
+    chunks = chunk_documents(docs, tokenizer, chunk_size=args.chunk_size, overlap=args.overlap)
+    texts = [c.text for c in chunks]
+    queries = [q.text for q in build_queries(chunks, n=1000)]
+    ours = BM25(method="lucene")
+    tokens = [ours.analyzer(t) for t in texts]
+    q_tokens = [ours.analyzer(q) for q in queries]
+
+    def peer_index(corpus):
+        r = bm25s.BM25(method="lucene")
+        r.index(corpus, show_progress=False)
+        return r
+
+    def peer_from_text():
+        return peer_index(bm25s.tokenize(texts, stopwords=None, show_progress=False))
+
+    figures = {"chunks": len(texts), "queries": len(queries)}
+    figures["build_s"] = {
+        "ours_text": best_time(lambda: BM25(method="lucene").index(texts), args.repeats),
+        "bm25s_text": best_time(peer_from_text, args.repeats),
+        "ours_tokens": best_time(lambda: BM25(method="lucene").index(tokens), args.repeats),
+        "bm25s_tokens": best_time(lambda: peer_index(tokens), args.repeats),
+    }
+    ours.index(texts)
+    ours.get_scores("warm up")  # the weighted matrix is built lazily on the first query
+    peer_text, peer_tok = peer_from_text(), peer_index(tokens)
+    known = [[t for t in q if t in peer_tok.vocab_dict] or [next(iter(peer_tok.vocab_dict))] for q in q_tokens]
+
+    def ours_queries():
+        for q in queries:
+            ours.retrieve(q, 10)
+
+    def peer_text_queries():
+        toks = bm25s.tokenize(queries, stopwords=None, show_progress=False)
+        peer_text.retrieve(toks, k=10, show_progress=False, n_threads=1)
+
+    def peer_tok_queries():
+        peer_tok.retrieve(known, k=10, show_progress=False, n_threads=1)
+
+    def peer_tok_one_by_one():
+        for q in known:
+            peer_tok.retrieve([q], k=10, show_progress=False, n_threads=1)
+
+    n = len(queries)
+    figures["queries_per_s"] = {
+        "ours_one_by_one": n / best_time(ours_queries, args.repeats),
+        "bm25s_text_batch": n / best_time(peer_text_queries, args.repeats),
+        "bm25s_tokens_batch": n / best_time(peer_tok_queries, args.repeats),
+        "bm25s_tokens_one_by_one": n / best_time(peer_tok_one_by_one, args.repeats),
+    }
+    return figures
+
+
+# ---- 3. dense scaling ----
+def dense_scaling(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for n in args.sizes:
+        base = torch.nn.functional.normalize(torch.randn(n, 384, generator=gen), dim=-1)  # (N, 384)
+        n_q = max(3, args.scale_queries if n < 1_000_000 else args.scale_queries // 4)
+        picks = torch.randint(0, n, (100,), generator=gen)
+        noise = torch.randn(100, 384, generator=gen) / 384**0.5  # norm ~1, like the stored vectors
+        queries = torch.nn.functional.normalize(base[picks] + noise, dim=-1)  # (100, 384)
+        truth = None
+        for storage in STORAGE_DTYPES:
+            store = VectorStore(384, storage=storage)
+            store.add(base)
+            nbytes = store.data.numel() * store.data.element_size()
+            nbytes += 0 if store.scale is None else store.scale.numel() * store.scale.element_size()
+            store.scores(queries[:1])  # warm up
+            latencies = []
+            for q in queries[:n_q]:
+                t0 = time.perf_counter()
+                top_k(store.scores(q)[0].numpy(), 10)
+                latencies.append(time.perf_counter() - t0)
+            # recall over all 100 queries, scored in blocks of 10 to bound the (10, N) score matrix
+            tops = []
+            for i in range(0, 100, 10):
+                tops += [set(top_k(s.numpy(), 10)[0].tolist()) for s in store.scores(queries[i : i + 10])]
+            if truth is None:
+                truth = tops
+            recall = float(np.mean([len(a & b) / 10 for a, b in zip(tops, truth, strict=True)]))
+            rows.append({
+                "vectors": n,
+                "storage": storage,
+                "memory_mb": nbytes / 2**20,
+                "ms_per_query": 1000 * statistics.median(latencies),
+                "recall_at_10_vs_fp32": recall,
+            })  # fmt: skip
+            print(f"dense: {n:>9,} {storage}: {rows[-1]['ms_per_query']:.1f} ms/query, recall@10 {recall:.3f}")
+            del store
+            gc.collect()
+        del base
+        gc.collect()
+    return rows
+
+
+def tables(figures: dict) -> str:
+    q = figures["quality"]
+    lines = [
+        "# Retrieval: ours vs bm25s and sentence-transformers",
+        "",
+        f"## Quality: {q['queries']} held-out queries ({q['query_sources']['docstring']} docstring, "
+        f"{q['query_sources']['topic']} topic) over {q['chunks']} chunks of {q['documents']} documents",
+        "",
+        "A fixed pseudo-random sample of the embedded corpus (rag.evaluate.sample_documents; embedding chunks with "
+        f"MiniLM ran at {q['chunks_per_s']:.1f} chunks/s here). One relevant chunk per query; BEIR metrics.",
+        "",
+        "| retriever | recall@1 | recall@5 | recall@10 | MRR@10 | nDCG@10 | queries/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in q["retrievers"].items():
+        lines.append(
+            f"| {RETRIEVER_NAMES[name]} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['recall@10']:.3f} | "
+            f"{m['mrr@10']:.3f} | {m['ndcg@10']:.3f} | {m['queries_per_s']:.1f} |"
+        )
+    rr = q["real_recall_at_10_vs_fp32"]
+    lines += [
+        "",
+        f"Real chunk vectors, these queries: top-10 kept vs fp32: fp16 {rr['fp16']:.3f}, int8 {rr['int8']:.3f}.",
+        "",
+    ]
+    b = figures["bm25_speed"]
+    bs, qs = b["build_s"], b["queries_per_s"]
+    lines += [
+        f"## BM25 speed vs bm25s 0.3.16: all {b['chunks']} chunks of the full corpus, {b['queries']} queries",
+        "",
+        "| | ours | bm25s | ours / bm25s (speed) |",
+        "|---|---|---|---|",
+        f"| index build from text, s | {bs['ours_text']:.2f} | {bs['bm25s_text']:.2f} | "
+        f"{bs['bm25s_text'] / bs['ours_text']:.2f}x |",
+        f"| index build from the same tokens, s | {bs['ours_tokens']:.2f} | {bs['bm25s_tokens']:.2f} | "
+        f"{bs['bm25s_tokens'] / bs['ours_tokens']:.2f}x |",
+        f"| queries/s, one by one (same tokens for bm25s) | {qs['ours_one_by_one']:.0f} | "
+        f"{qs['bm25s_tokens_one_by_one']:.0f} | {qs['ours_one_by_one'] / qs['bm25s_tokens_one_by_one']:.2f}x |",
+        f"| queries/s, ours one by one vs bm25s batch (from text) | {qs['ours_one_by_one']:.0f} | "
+        f"{qs['bm25s_text_batch']:.0f} | {qs['ours_one_by_one'] / qs['bm25s_text_batch']:.2f}x |",
+        f"| queries/s, ours one by one vs bm25s batch (tokens) | {qs['ours_one_by_one']:.0f} | "
+        f"{qs['bm25s_tokens_batch']:.0f} | {qs['ours_one_by_one'] / qs['bm25s_tokens_batch']:.2f}x |",
+        "",
+        "From text each library uses its own tokenizer (ours: `\\w+`, lowercase; bm25s: 2+ word characters), so the "
+        "vocabularies differ slightly; single-threaded bm25s (n_threads=1).",
+        "",
+        "## Exact dense search (rag.dense.VectorStore): synthetic unit 384-d vectors",
+        "",
+        "| vectors | storage | memory, MB | ms / query | recall@10 vs fp32 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in figures["dense_scaling"]:
+        lines.append(
+            f"| {r['vectors']:,} | {r['storage']} | {r['memory_mb']:.1f} | {r['ms_per_query']:.2f} | "
+            f"{r['recall_at_10_vs_fp32']:.3f} |"
+        )
+    lines += [
+        "",
+        "Queries: a stored vector plus Gaussian noise of the same norm, normalised. Latency includes top-10. fp16 and "
+        "int8 searches dequantise the whole store to fp32 for every query (VectorStore.scores), so they save storage, "
+        "not search time or peak memory.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    docs = build_documents()
+    encoder = Encoder(device=args.device)
+    figures = {"args": {k: str(v) for k, v in vars(args).items()}}
+    figures["bm25_speed"] = bm25_speed(args, docs, encoder.tokenizer)
+    print(f"bm25 speed: {figures['bm25_speed']}")
+    figures["quality"] = quality(args, docs, encoder)
+    figures["dense_scaling"] = dense_scaling(args)
+    figures["total_seconds"] = time.perf_counter() - t_start
+    table = tables(figures)
+    json_path, md_path = write_results(args.name, figures, table, args.results)
+    print(table)
+    print(f"\nwrote {json_path} and {md_path} in {figures['total_seconds']:.0f} s")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Retrieval evaluation (rag/evaluate.py), grounded answers (rag/answer.py) and the ROUGE-L metric.
+
+Kept fast: the indexes use the tiny test model as their encoder (no MiniLM), and a handful of documents.
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("bm25s")
+
+from rag import Encoder, RagIndex  # noqa: E402
+from rag.answer import Answer, answer, build_prompt, load_rouge_l, measure_answers  # noqa: E402
+from rag.evaluate import (  # noqa: E402
+    build_queries,
+    evaluate_index,
+    mean_metrics,
+    rank_by_score,
+    ranking_metrics,
+    rewrite_query,
+)
+from tiny_hf.corpus import stdlib_documents, topic_documents  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def docs(small_stdlib):
+    return stdlib_documents(str(small_stdlib)) + topic_documents()[:20]
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tiny_lm_dir, docs):
+    """An index whose encoder is the tiny random model: fast, and enough to run every code path."""
+    index = RagIndex(Encoder(str(tiny_lm_dir)), chunk_size=64, overlap=8)
+    index.add([{**d, "text": d["text"][:2500]} for d in docs[:12] + docs[-4:]])  # short: a few seconds to embed
+    return index
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval(), AutoTokenizer.from_pretrained(tiny_lm_dir)
+
+
+# ---- metrics ----
+def test_metrics_hand_worked():
+    m = ranking_metrics([3, 1, 2], {1: 1, 2: 1})
+    assert m["recall@1"] == 0 and m["recall@5"] == 1 and m["recall@10"] == 1
+    assert m["mrr@10"] == 0.5
+    # DCG = 1/log2(3) + 1/log2(4); ideal = 1 + 1/log2(3)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 0.5) / (1 + 1 / math.log2(3)))
+    graded = ranking_metrics([7, 5], {5: 2, 7: 1})  # linear gain: the grade itself
+    assert graded["ndcg@10"] == pytest.approx((1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3)))
+    miss = ranking_metrics([9] * 3 + list(range(10, 30)), {1: 1})
+    assert miss == {"recall@1": 0, "recall@5": 0, "recall@10": 0, "mrr@10": 0, "ndcg@10": 0}
+    late = ranking_metrics(list(range(10, 20)) + [1], {1: 1})  # rank 11: outside every cut-off
+    assert late["mrr@10"] == 0 and late["ndcg@10"] == 0
+    with pytest.raises(ValueError, match="relevant"):
+        ranking_metrics([1], {1: 0})
+
+
+def test_ties_break_to_the_lower_index_and_change_the_metrics():
+    scores = [0.5, 0.9, 0.9, 0.1]
+    assert rank_by_score(scores, 3) == [1, 2, 0]
+    assert ranking_metrics(rank_by_score(scores, 10), {1: 1})["ndcg@10"] == 1.0
+    tied_second = ranking_metrics(rank_by_score(scores, 10), {2: 1})
+    assert tied_second["mrr@10"] == 0.5 and tied_second["ndcg@10"] == pytest.approx(1 / math.log2(3))
+
+
+def test_mean_metrics_checks_lengths():
+    queries = [SimpleNamespace(relevant={1: 1}), SimpleNamespace(relevant={2: 1})]
+    assert mean_metrics([[1], [1, 2]], queries)["mrr@10"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="2 queries"):
+        mean_metrics([[1]], queries)
+
+
+# ---- the query set ----
+def test_rewrite_rules():
+    s = "Serialize ``obj`` to a JSON formatted ``str``."
+    assert (
+        rewrite_query(s, source="docstring", qualname="json.dumps", variant=0)
+        == "how do I convert obj to formatted text?"
+    )
+    assert (
+        rewrite_query(s, source="docstring", qualname="json.dumps", variant=1)
+        == "which function converts obj to formatted text?"
+    )
+    r = rewrite_query(
+        "Return the root element of this tree.",
+        source="docstring",
+        qualname="xml.ElementTree.getroot",
+        kind="method",
+        variant=1,
+    )
+    assert r == "which method gives back root element of this tree?"
+    assert rewrite_query("The if statement is used for conditional execution.", source="topic").startswith(
+        "where is it explained that"
+    )
+
+
+def test_queries_are_deterministic_and_point_at_their_source(tiny_lm_dir, docs):
+    from transformers import AutoTokenizer
+
+    from rag import chunk_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    chunks = chunk_documents(docs, tokenizer, chunk_size=64, overlap=8)
+    queries = build_queries(chunks, n=40)
+    assert queries == build_queries(chunks, n=40)
+    assert 10 <= len(queries) <= 40 and len({q.qid for q in queries}) == len(queries)
+    assert {q.source for q in queries} == {"docstring", "topic"}
+    texts = {d["id"]: d["text"] for d in docs}
+    for q in queries:
+        ((i, grade),) = q.relevant.items()  # exactly one relevant chunk
+        c = chunks[i]
+        assert grade == 1 and c.doc_id == q.doc_id and c.start <= q.start < q.end <= c.end
+        assert " ".join(texts[q.doc_id][q.start : q.end].split()) == q.sentence
+        # no other chunk holds the whole sentence
+        assert sum(o.doc_id == q.doc_id and o.start <= q.start and q.end <= o.end for o in chunks) == 1
+        assert q.text.endswith("?") and q.text != q.sentence
+    with pytest.raises(ValueError, match="n=0"):
+        build_queries(chunks, n=0)
+
+
+def test_evaluation_runs_on_a_tiny_index(tiny_index):
+    queries = build_queries(tiny_index.chunks, n=15)
+    assert queries
+    results = evaluate_index(tiny_index, queries, retrievers=("bm25", "dense", "hybrid", "bm25s"))
+    for m in results.values():
+        assert all(0 <= m[name] <= 1 for name in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"))
+        assert m["recall@1"] <= m["recall@5"] <= m["recall@10"]
+    # same method, parameters and tokens: bm25s and ours find the same chunks
+    assert results["bm25s"]["recall@10"] == results["bm25"]["recall@10"]
+    with pytest.raises(ValueError, match="not among"):
+        evaluate_index(tiny_index, queries, retrievers=("faiss",))
+
+
+def test_evaluation_errors(tiny_lm_dir, tiny_index):
+    empty = RagIndex(tiny_index.encoder, chunk_size=64, overlap=8)
+    with pytest.raises(ValueError, match="index is empty"):
+        evaluate_index(empty, [SimpleNamespace(text="x", relevant={0: 1})])
+    with pytest.raises(ValueError, match="k=5"):
+        evaluate_index(tiny_index, build_queries(tiny_index.chunks, n=2), k=5)
+
+
+# ---- grounded answers ----
+def _hits(n: int):
+    return [SimpleNamespace(doc_id=f"doc{i}", text=f"passage number {i} " * 6) for i in range(1, n + 1)]
+
+
+def test_prompt_drops_the_lowest_ranked_passages_and_keeps_the_question(tiny_lm):
+    _, tokenizer = tiny_lm
+    question = "What does passage three say?"
+    hits = _hits(4)
+    full, n_full = build_prompt(question, hits, tokenizer, budget=10_000)
+    assert n_full == 4
+    two, _ = build_prompt(question, hits[:2], tokenizer, budget=10_000)
+    ids, n = build_prompt(question, hits, tokenizer, budget=len(two))
+    assert n == 2 and ids == two and len(ids) <= len(two) < len(full)
+    text = tokenizer.decode(ids)
+    assert question in text and "[1] (doc1)" in text and "[2] (doc2)" in text and "[3]" not in text
+    bare, n0 = build_prompt(
+        question, hits, tokenizer, budget=len(build_prompt(question, [], tokenizer, budget=9999)[0])
+    )
+    assert n0 == 0 and question in tokenizer.decode(bare)
+    with pytest.raises(ValueError, match="without any passage"):
+        build_prompt("why " * 500, hits, tokenizer, budget=200)
+    with pytest.raises(ValueError, match="empty"):
+        build_prompt("  ", hits, tokenizer, budget=200)
+
+
+def test_answer_returns_text_and_sources(tiny_index, tiny_lm, docs):
+    model, tokenizer = tiny_lm
+    result = answer(
+        "How do I read rows from a CSV file?",
+        tiny_index,
+        model,
+        tokenizer,
+        k=3,
+        mode="bm25",
+        max_new_tokens=12,
+        system=None,
+    )
+    assert isinstance(result, Answer) and isinstance(result.text, str)
+    assert 1 <= len(result.sources) <= 3 and result.dropped == 3 - len(result.sources)
+    assert result.prompt_tokens <= 256 - 12
+    texts = {d["id"]: d["text"] for d in docs}
+    for s in result.sources:
+        assert texts[s.doc_id][s.start : s.end] == s.text
+    assert all(c in result.sources for c in result.citations)
+
+
+def test_citations_are_parsed_from_the_answer(tiny_index, tiny_lm, monkeypatch):
+    import rag.answer
+
+    monkeypatch.setattr(rag.answer, "generate_text", lambda *a, **kw: "See [2], then [1] and [2]; not [9].")
+    model, tokenizer = tiny_lm
+    result = answer("csv reader rows", tiny_index, model, tokenizer, k=2, mode="bm25", max_new_tokens=8, system=None)
+    assert [c.number for c in result.citations] == [2, 1]
+    assert [s.number for s in result.sources] == [1, 2]
+
+
+def test_answer_errors(tiny_index, tiny_lm):
+    model, tokenizer = tiny_lm
+    with pytest.raises(ValueError, match="k=0"):
+        answer("a question", tiny_index, model, tokenizer, k=0)
+    empty = RagIndex(tiny_index.encoder, chunk_size=64, overlap=8)
+    with pytest.raises(ValueError, match="index is empty"):
+        answer("a question", empty, model, tokenizer)
+    with pytest.raises(ValueError, match="without any passage"):
+        answer("why " * 400, tiny_index, model, tokenizer, mode="bm25")
+    with pytest.raises(ValueError, match="no room"):
+        answer("a question", tiny_index, model, tokenizer, max_new_tokens=256)
+
+
+def test_measure_answers_with_and_without_retrieval(tiny_index, tiny_lm):
+    model, tokenizer = tiny_lm
+    queries = build_queries(tiny_index.chunks, n=2)
+    result = measure_answers(queries, tiny_index, model, tokenizer, k=2, mode="bm25", max_new_tokens=6)
+    assert result["questions"] == 2 and 0 <= result["retrieved_relevant"] <= 1
+    for side in ("with_retrieval", "without_retrieval"):
+        assert 0 <= result[side]["rougeL_f1"] <= 1 and 0 <= result[side]["exact_match"] <= 1
+
+
+# ---- ROUGE-L ----
+def test_rouge_l_hand_worked():
+    metric = load_rouge_l()
+    out = metric.compute(predictions=["the cat sat", "A B C D"], references=["the cat sat down", "b d x"])
+    # pair 1: LCS 3, P = 3/3, R = 3/4; pair 2: LCS 2 (b, d), P = 2/4, R = 2/3
+    assert out["rougeL_precision"] == pytest.approx((1 + 0.5) / 2)
+    assert out["rougeL_recall"] == pytest.approx((0.75 + 2 / 3) / 2)
+    assert out["rougeL_f1"] == pytest.approx((6 / 7 + 4 / 7) / 2)
+    assert out["exact_match"] == 0
+    same = metric.compute(predictions=["The Cat!", ""], references=["cat", "anything"])
+    # "the cat" vs "cat": P = 1/2, R = 1, F1 = 2/3; an empty prediction scores 0
+    assert same["exact_match"] == 0.5 and same["rougeL_f1"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        metric.compute()

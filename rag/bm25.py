@@ -265,10 +265,18 @@ class BM25:
         """(n_docs,) BM25 score of every document for a query (text, or a token list)."""
         if self._weights is None:
             self._build_weights()
-        q = self.query_vector(query)
-        (terms,) = np.nonzero(q)
-        # (n_docs, n_terms) @ (n_terms,): only the query's columns are touched
-        return self._weights[:, terms] @ q[terms] + float(self._base[terms] @ q[terms])
+        counts: dict[int, int] = {}
+        for tok in self._tokens(query):
+            if (j := self.vocab.get(tok)) is not None:
+                counts[j] = counts.get(j, 0) + 1
+        # Only the query's columns of the CSC matrix are touched, read straight from its arrays (scipy's column
+        # slicing costs more than the arithmetic at these sizes); a column's row indices are unique, so += is exact.
+        w = self._weights
+        scores = np.zeros(self.n_docs)
+        for j, count in counts.items():
+            start, end = w.indptr[j], w.indptr[j + 1]
+            scores[w.indices[start:end]] += count * w.data[start:end]
+        return scores + sum(count * self._base[j] for j, count in counts.items())
 
     def retrieve(self, query: str | Sequence[str], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(indices, scores) of the top k documents, best first, ties to the lower index."""

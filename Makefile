@@ -57,7 +57,10 @@ format: setup
 bench: setup
 	$(PY) bench/tokenizer_bench.py
 	$(PY) bench/model_speed.py
+	$(PY) bench/train_speed.py
 	$(PY) bench/serve_speed.py
+	$(PY) bench/attention_cost.py
+	$(PY) bench/rag_bench.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .ruff_cache

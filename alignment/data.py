@@ -14,12 +14,13 @@ Rows are in TRL's conversational format (`messages`: a list of {"role", "content
 
 Two more tasks for alignment, from the same pairs and with the same held-out modules:
 - preference (`preference_dataset`): `prompt` / `chosen` / `rejected`, where chosen is the real summary and
-  rejected is a plausible wrong answer: another object's summary (from the same module when it has one, which is
-  harder to tell apart), the right summary cut short, or its opening words repeated (what a degenerate policy
-  writes).
+  rejected is a plausible wrong answer: another module's object's summary (a sibling's would often be just as
+  right: `json.dump` vs `json.dumps`), the right summary cut short, or its opening words repeated (what a
+  degenerate policy writes).
 - verifiable (`verifiable_dataset`, `exact_match_reward`): "Which module defines `dumps`?" -> "json", asked only
-  for names that one module defines, so code can check the answer. Split by name, not by module: the answer is
-  in the pretraining corpus (the module's documentation), and RL can only improve what pretraining put there.
+  for names that one module defines, and "What is 17 + 25?" -> "42", so code can check the answer. Split by name,
+  not by module: the answer is in the pretraining corpus (the module's documentation), and RL can only improve
+  what pretraining put there; the sums are a skill SFT teaches partly, which leaves RL room to improve it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ REJECTION_KINDS = ("other", "truncated", "repetitive")
 # the other modules, whose documentation the model has read.
 PRETRAIN_VAL_FRACTION = 0.05
 MODULE_QUESTION = "Which module of the Python standard library defines `{name}`?"
+ARITHMETIC_QUESTION = "What is {a} + {b}?"
+ARITHMETIC_MAX = 30
 
 QUESTIONS = (
     "What does `{name}` do?",
@@ -139,6 +142,7 @@ def embedded_chat_dataset(val_fraction: float = 0.05, max_examples: int | None =
     verifiable = verifiable_dataset(max_examples=max_examples, stdlib_dir=stdlib_dir)
 
     def as_chat(row: dict) -> dict:
+        # `module` holds the checked answer here: the defining module, or the sum for an arithmetic question
         return {"id": row["id"], "module": row["answer"], "task": "verifiable",
                 "messages": row["prompt"] + row["completion"]}  # fmt: skip
 
@@ -179,7 +183,7 @@ def _split_of(pair: dict, val_fraction: float) -> str:
     return "test" if _stable_fraction(f"stdlib/{pair['module']}") < val_fraction else "train"
 
 
-def _rejected(pair: dict, kind: str, siblings: list[dict], everyone: list[dict]) -> str:
+def _rejected(pair: dict, kind: str, everyone: list[dict]) -> str:
     """A wrong answer of the given kind for `pair` (deterministic)."""
     words = pair["answer"].split()
     if kind == "truncated":
@@ -187,10 +191,11 @@ def _rejected(pair: dict, kind: str, siblings: list[dict], everyone: list[dict])
     if kind == "repetitive":
         opening = " ".join(words[:3])
         return " ".join([opening] * 4)
-    pool = [p for p in siblings if p["answer"] != pair["answer"]] or everyone
-    other = pool[_stable_index(pair["name"] + "/other", len(pool))]
-    if other["answer"] == pair["answer"]:  # only possible through the whole-corpus pool: take the next one
-        other = pool[(pool.index(other) + 1) % len(pool)]
+    if all(p["module"] == pair["module"] for p in everyone):
+        raise ValueError("the preference data needs objects from at least two modules for its 'other' rejections")
+    other = everyone[_stable_index(pair["name"] + "/other", len(everyone))]
+    while other["module"] == pair["module"] or other["answer"] == pair["answer"]:  # a different topic, not a sibling
+        other = everyone[(everyone.index(other) + 1) % len(everyone)]
     return other["answer"]
 
 
@@ -203,13 +208,10 @@ def preference_dataset(val_fraction: float = 0.05, max_examples: int | None = No
     if max_examples is not None:
         pairs = sorted(pairs, key=lambda p: _stable_fraction(p["name"]))[:max_examples]
         pairs.sort(key=lambda p: p["name"])
-    by_module: dict[str, list[dict]] = {}
-    for pair in pairs:
-        by_module.setdefault(pair["module"], []).append(pair)
     rows = {"train": [], "test": []}
     for pair in pairs:
         kind = REJECTION_KINDS[_stable_index(pair["name"] + "/kind", len(REJECTION_KINDS))]
-        rejected = _rejected(pair, kind, by_module[pair["module"]], pairs)
+        rejected = _rejected(pair, kind, pairs)
         if rejected == pair["answer"]:
             continue
         rows[_split_of(pair, val_fraction)].append({
@@ -226,26 +228,35 @@ def preference_dataset(val_fraction: float = 0.05, max_examples: int | None = No
 
 def verifiable_dataset(val_fraction: float = 0.1, max_examples: int | None = None,
                        stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
-    """ "Which module defines `name`?" in TRL's prompt-completion format (`prompt`, `completion`, and `answer`,
-    the module, for `exact_match_reward`), for public top-level functions and classes whose short name exactly
-    one module defines, from the modules pretraining trained on. Split by a hash of the name."""
+    """Questions whose answer code can check, in TRL's prompt-completion format (`prompt`, `completion`, `answer`
+    for `exact_match_reward`, `kind`), split by a hash of the id:
+    - "module": "Which module defines `name`?" for public top-level functions and classes whose short name one
+      module defines, from the modules pretraining trained on (knowledge the model may or may not have kept);
+    - "arithmetic": "What is 17 + 25?" for operands 0..ARITHMETIC_MAX (a skill SFT teaches partly, so RL has room).
+    """
     pairs = [p for p in docstring_pairs(stdlib_dir) if p["name"].count(".") == p["module"].count(".") + 1]
     pairs = [p for p in pairs if _split_of(p, PRETRAIN_VAL_FRACTION) == "train"]
     modules_of: dict[str, set[str]] = {}
     for pair in pairs:
         modules_of.setdefault(pair["name"].rsplit(".", 1)[1], set()).add(pair["module"])
-    unique = [p for p in pairs if len(modules_of[p["name"].rsplit(".", 1)[1]]) == 1]
+    questions = [
+        (pair["name"], "module", MODULE_QUESTION.format(name=pair["name"].rsplit(".", 1)[1]), pair["module"],
+         f"`{pair['module']}`")
+        for pair in pairs
+        if len(modules_of[pair["name"].rsplit(".", 1)[1]]) == 1
+    ]  # fmt: skip
+    questions += [(f"add/{a}+{b}", "arithmetic", ARITHMETIC_QUESTION.format(a=a, b=b), str(a + b), str(a + b))
+                  for a in range(ARITHMETIC_MAX + 1) for b in range(ARITHMETIC_MAX + 1)]  # fmt: skip
     if max_examples is not None:
-        unique = sorted(unique, key=lambda p: _stable_fraction(p["name"]))[:max_examples]
-        unique.sort(key=lambda p: p["name"])
+        questions = sorted(questions, key=lambda q: _stable_fraction(q[0]))[:max_examples]
+        questions.sort(key=lambda q: q[0])
     rows = {"train": [], "test": []}
-    for pair in unique:
-        short = pair["name"].rsplit(".", 1)[1]
-        split = "test" if _stable_fraction("verifiable/" + pair["name"]) < val_fraction else "train"
+    for id_, kind, question, answer, completion in questions:
+        split = "test" if _stable_fraction("verifiable/" + id_) < val_fraction else "train"
         rows[split].append({
-            "id": pair["name"], "answer": pair["module"],
-            "prompt": [{"role": "user", "content": MODULE_QUESTION.format(name=short)}],
-            "completion": [{"role": "assistant", "content": f"`{pair['module']}`"}],
+            "id": id_, "kind": kind, "answer": answer,
+            "prompt": [{"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": completion}],
         })  # fmt: skip
     if not rows["train"] or not rows["test"]:
         raise ValueError(f"the verifiable data has {len(rows['train'])} train and {len(rows['test'])} held-out "
@@ -253,20 +264,21 @@ def verifiable_dataset(val_fraction: float = 0.1, max_examples: int | None = Non
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
 
 
-def extract_module(text: str) -> str | None:
-    """The first dotted Python name in a response: "`json`" -> "json", "json.decoder, I think" -> "json.decoder"."""
-    match = re.search(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*", text.replace("`", " "))
+def extract_answer(text: str) -> str | None:
+    """The first integer or dotted Python name in a response: "`json`" -> "json", "json.decoder, I think" ->
+    "json.decoder", "42." -> "42"."""
+    match = re.search(r"-?\d+|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*", text.replace("`", " "))
     return match.group(0).rstrip(".") if match else None
 
 
 def exact_match_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
-    """1.0 where the first name in a completion is the defining module, else 0.0. TRL's reward-function signature:
+    """1.0 where the first name or number in a completion is the answer, else 0.0. TRL's reward-function signature:
     completions are strings or conversational ([{"role": "assistant", "content": ...}]); `answer` is the dataset
     column of the same name."""
     scores = []
     for completion, expected in zip(completions, answer, strict=True):
         text = completion[-1]["content"] if isinstance(completion, list) else completion
-        scores.append(1.0 if extract_module(text) == expected else 0.0)
+        scores.append(1.0 if extract_answer(text) == expected else 0.0)
     return scores
 
 

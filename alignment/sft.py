@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="embedded", help="embedded, a .json/.jsonl file or folder, or a Hub name")
     data.add_argument("--max-examples", type=int, default=None, help="train on a fixed subset (quick runs)")
-    data.add_argument("--max-length", type=int, default=None, help="tokens per packed row (default: the model's)")
+    data.add_argument("--max-length", type=int, default=256, help="tokens per packed row (at most the window)")
     data.add_argument("--packing", choices=["bfd", "wrapped", "none"], default="bfd")
     train = parser.add_argument_group("training")
     train.add_argument("--max-steps", type=int, default=300)
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     if tokenizer.chat_template is None or "generation" not in tokenizer.chat_template:
         raise SystemExit("error: the tokenizer's chat template has no {% generation %} markers, which "
                          "assistant-only loss needs (TinyTokenizerFast's template has them)")  # fmt: skip
-    max_length = args.max_length or model.config.max_position_embeddings
+    max_length = min(args.max_length, model.config.max_position_embeddings)
     data = load_chat_dataset(args.data, max_examples=args.max_examples)
     test = list(data["test"])
     held_out = [row["messages"] for row in test if row.get("task", "docs") == "docs"][: args.eval_examples]

@@ -9,7 +9,7 @@ from alignment.data import (
     REJECTION_KINDS,
     docstring_pairs,
     exact_match_reward,
-    extract_module,
+    extract_answer,
     instruction_dataset,
     preference_dataset,
     verifiable_dataset,
@@ -23,7 +23,8 @@ def test_preference_pairs_are_deterministic_distinct_and_held_out_like_sft(small
     sft = instruction_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
     assert set(ds["test"]["module"]) == set(sft["test"]["module"])
     assert not set(ds["train"]["module"]) & set(ds["test"]["module"])
-    answers = {p["name"]: p["answer"] for p in docstring_pairs(str(small_stdlib))}
+    pairs = docstring_pairs(str(small_stdlib))
+    answers = {p["name"]: p["answer"] for p in pairs}
     kinds = set()
     for row in ds["train"]:
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
@@ -35,15 +36,21 @@ def test_preference_pairs_are_deterministic_distinct_and_held_out_like_sft(small
             opening = " ".join(chosen.split()[:3])
             assert rejected == " ".join([opening] * 4)
         else:
-            assert rejected in answers.values()  # another object's real summary
+            # another module's object's real summary: a sibling's could be just as right
+            assert any(p["answer"] == rejected and p["module"] != row["module"] for p in pairs), row
         kinds.add(row["kind"])
     assert kinds == set(REJECTION_KINDS)
 
 
-def test_verifiable_questions_have_one_right_module(small_stdlib):
+def test_verifiable_questions_have_one_right_answer(small_stdlib):
     ds = verifiable_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
     rows = list(ds["train"]) + list(ds["test"])
     assert ds["test"].num_rows and not set(ds["train"]["id"]) & set(ds["test"]["id"])
+    assert set(ds["test"]["kind"]) == {"module", "arithmetic"}
+    sums = [row for row in rows if row["kind"] == "arithmetic"]
+    assert len(sums) == 31 * 31 and all(row["prompt"][0]["content"].startswith("What is ") for row in sums)
+    assert next(row for row in sums if row["id"] == "add/17+25")["answer"] == "42"
+    rows = [row for row in rows if row["kind"] == "module"]
     short_names = [row["id"].rsplit(".", 1)[1] for row in rows]
     assert len(short_names) == len(set(short_names))  # a name two modules define is never asked
     dumps = next(row for row in rows if row["id"] == "json.dumps")
@@ -53,15 +60,22 @@ def test_verifiable_questions_have_one_right_module(small_stdlib):
 
 @pytest.mark.parametrize(
     ("text", "module"),
-    [("`json`", "json"), ("json.decoder, I think.", "json.decoder"), ("It is json.", "It"), ("", None)],
+    [
+        ("`json`", "json"),
+        ("json.decoder, I think.", "json.decoder"),
+        ("It is json.", "It"),
+        ("", None),
+        ("42.", "42"),
+        ("-3 apples", "-3"),
+    ],
 )
-def test_extract_module_takes_the_first_dotted_name(text, module):
-    assert extract_module(text) == module
+def test_extract_answer_takes_the_first_name_or_number(text, module):
+    assert extract_answer(text) == module
 
 
 def test_exact_match_reward_scores_strings_and_conversations():
-    completions = ["`email.utils`", [{"role": "assistant", "content": "json"}], "The json module", "???"]
-    assert exact_match_reward(completions, ["email.utils", "json", "json", "json"]) == [1.0, 1.0, 0.0, 0.0]
+    completions = ["`email.utils`", [{"role": "assistant", "content": "json"}], "The json module", "???", "42"]
+    assert exact_match_reward(completions, ["email.utils", "json", "json", "json", "42"]) == [1, 1, 0, 0, 1]
     with pytest.raises(ValueError):
         exact_match_reward(["json"], ["json", "csv"])  # one answer per completion
 

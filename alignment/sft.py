@@ -223,7 +223,8 @@ def summary_markdown(figures: dict) -> str:
         *(
             [
                 "",
-                f'Verifiable task ("Which module defines `X`?", {figures["verifiable_held_out"]} held-out names), '
+                'Verifiable task ("Which module defines `X`?" and "What is 17 + 25?", '
+                f"{figures['verifiable_held_out']} held-out questions), "
                 f"greedy exact match: {figures['exact_match_before']:.1%} before, {figures['exact_match_after']:.1%} "
                 "after.",
             ]

@@ -354,6 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     engine.add_argument("--max-queue", type=int, default=256)
     engine.add_argument("--token-budget", type=int, default=512, help="prompt tokens computed per step")
     engine.add_argument("--window-policy", default="reject", choices=WINDOW_POLICIES)
+    engine.add_argument("--compile", action="store_true", help="compile the decode step (fast batch-1 on CPU)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
@@ -379,6 +380,7 @@ def main(argv=None) -> None:
         max_queue=args.max_queue,
         token_budget=args.token_budget,
         window_policy=args.window_policy,
+        compile=args.compile,
     )
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     loop = EngineLoop(engine).start()

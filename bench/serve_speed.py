@@ -95,11 +95,14 @@ def workload(n: int, vocab: int, rng: random.Random) -> list[tuple[list[int], in
     return [([rng.randrange(5, vocab) for _ in range(rng.randint(16, 128))], rng.randint(32, 128)) for _ in range(n)]
 
 
-def batch1(model, engine, args, rng) -> dict:
+def batch1(model, engines: dict, args, rng) -> dict:
+    """Batch-1 greedy tokens/s of generate() and of each engine, timed round-robin; median of --repeats."""
     prompt = [rng.randrange(5, model.config.vocab_size) for _ in range(args.prompt_len)]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    hf_generate(model, prompt, 4), engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0))  # warm up
-    times = {"generate": [], "engine": []}
+    hf_generate(model, prompt, 4)
+    for engine in engines.values():  # warm up (and, for the compiled engine, compile)
+        engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0))
+    times = {"generate": [], **{name: [] for name in engines}}
     for _ in range(args.repeats):
         for name in times:
             sync(args.device)
@@ -107,12 +110,13 @@ def batch1(model, engine, args, rng) -> dict:
             if name == "generate":
                 hf_generate(model, prompt, args.new_tokens)
             else:
-                engine.generate([prompt], params)
+                engines[name].generate([prompt], params)
             sync(args.device)
             times[name].append(time.perf_counter() - start)
     tps = {name: args.new_tokens / statistics.median(t) for name, t in times.items()}
-    return {"generate_tokens_per_s": tps["generate"], "engine_tokens_per_s": tps["engine"],
-            "speedup": tps["engine"] / tps["generate"]}  # fmt: skip
+    return {"generate_tokens_per_s": tps["generate"],
+            **{f"{name}_tokens_per_s": tps[name] for name in engines},
+            **{f"{name}_speedup": tps[name] / tps["generate"] for name in engines}}  # fmt: skip
 
 
 def throughput(model, engine, n: int, args, rng) -> dict:
@@ -198,7 +202,8 @@ def main(argv=None) -> dict:
     engine = Engine(model, tokenizer, max_batch_size=max(concurrency), max_seq_len=512)
 
     figures = {"model": args.model or args.preset, "parameters": params, "device": args.device}
-    figures["batch1"] = batch1(model, engine, args, rng)
+    compiled = Engine(model, tokenizer, max_batch_size=1, max_seq_len=512, compile=True)
+    figures["batch1"] = batch1(model, {"engine": engine, "engine_compiled": compiled}, args, rng)
     print(f"batch 1: {figures['batch1']}")
     figures["throughput"] = [throughput(model, engine, n, args, rng) for n in concurrency]
     print(f"throughput: {figures['throughput']}")
@@ -208,7 +213,10 @@ def main(argv=None) -> dict:
     b1, load = figures["batch1"], figures["load"]
     rows = [
         f"| batch 1 decode ({args.prompt_len}-token prompt, {args.new_tokens} new) | "
-        f"{b1['generate_tokens_per_s']:,.0f} | {b1['engine_tokens_per_s']:,.0f} | **{b1['speedup']:.1f}x** |"
+        f"{b1['generate_tokens_per_s']:,.0f} | {b1['engine_tokens_per_s']:,.0f} | **{b1['engine_speedup']:.1f}x** |",
+        f"| batch 1 decode, engine with `compile=True` (inductor, C++ wrapper on CPU) | "
+        f"{b1['generate_tokens_per_s']:,.0f} | {b1['engine_compiled_tokens_per_s']:,.0f} | "
+        f"**{b1['engine_compiled_speedup']:.1f}x** |",
     ]
     for t in figures["throughput"]:
         rows.append(

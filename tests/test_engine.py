@@ -93,6 +93,21 @@ def test_static_decode_for_cuda_graphs_equals_generate(variant):
         assert result.token_ids == generate_alone(model, prompt, n), prompt
 
 
+@pytest.mark.slow
+def test_compiled_decode_equals_generate():
+    """The static step compiled by inductor (the CPU's stand-in for CUDA graphs) gives generate()'s greedy tokens, at
+    batch 1 and with padded batches; sliding windows, which cannot use the static step, are refused."""
+    model = sharp_model()
+    engine = Engine(model, max_batch_size=4, token_budget=7, compile=True)
+    assert engine.static_decode
+    lengths = [6, 3, 6, 2]
+    results = engine.generate(PROMPTS[:4], [SamplingParams(max_tokens=n, **GREEDY) for n in lengths])
+    for prompt, n, result in zip(PROMPTS[:4], lengths, results, strict=True):
+        assert result.token_ids == generate_alone(model, prompt, n), prompt
+    with pytest.raises(ValueError, match="compile=True needs the static decode step"):
+        Engine(sharp_model(sliding_window=8), window_policy="sliding", compile=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["rope", "learned+gqa"])
 def test_cuda_graph_decode_equals_generate(variant):

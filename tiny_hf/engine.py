@@ -338,12 +338,15 @@ class Engine:
         cuda_graphs: Replay each decode step as a CUDA graph (default: on when the model is on a GPU).
         static_decode: Decode with the fixed shapes CUDA graphs need, without capturing them (what the graphs run,
             testable on a CPU). Not used with the sliding ring or dynamic NTK RoPE.
+        compile: Compile the static decode step with torch.compile (inductor; on CPU with its C++ wrapper, so a
+            step runs without Python between kernels): what makes batch-1 decoding fast on a CPU, where there are
+            no CUDA graphs. Costs a compilation per padded batch size on first use. Implies static_decode.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch_size: int = 16, max_seq_len: int | None = None,
                  token_budget: int = 512, max_queue: int = 256, prefix_cache_tokens: int = 4096,
                  window_policy: str = "reject", cuda_graphs: bool | None = None,
-                 static_decode: bool = False):  # fmt: skip
+                 static_decode: bool = False, compile: bool = False):  # fmt: skip
         config = model.config
         for name in ("embed_tokens", "add_positions", "layers", "norm"):
             if not hasattr(getattr(model, "model", None), name) or not hasattr(model, "lm_head"):
@@ -406,8 +409,15 @@ class Engine:
             raise ValueError(
                 "cuda_graphs=True needs the model on a CUDA device, and neither the sliding policy nor dynamic RoPE"
             )
-        self.static_decode = (static_decode or self.cuda_graphs) and static_ok
+        if compile and not static_ok:
+            raise ValueError("compile=True needs the static decode step, which the sliding policy and dynamic RoPE "
+                             "cannot use")  # fmt: skip
+        self.static_decode = (static_decode or self.cuda_graphs or compile) and static_ok
         self._graphs: dict[int, tuple] = {}  # padded batch size -> (graph, ids, positions, logits)
+        if compile:
+            # dynamic=False: one graph per padded batch size, the shapes the static step already fixes.
+            options = {"cpp_wrapper": True} if not on_gpu else None
+            self._static_forward = torch.compile(self._static_forward, dynamic=False, options=options)
 
         self.waiting: deque[_Request] = deque()
         self.prefilling: list[_Request] = []  # admitted, prompt not fully computed; slots from the top

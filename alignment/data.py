@@ -133,6 +133,17 @@ def instruction_dataset(val_fraction: float = 0.05, max_examples: int | None = N
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
 
 
+def _load_files_or_hub(spec: str) -> datasets.DatasetDict:
+    """A local .json/.jsonl file or folder of them, else a Hub dataset name (offline: only from the local cache)."""
+    path = Path(spec)
+    if not path.exists():
+        return datasets.load_dataset(spec)
+    files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.json*"))
+    if not files:
+        raise ValueError(f"--data {spec}: no .json or .jsonl files in the folder")
+    return datasets.load_dataset("json", data_files=files)
+
+
 def embedded_chat_dataset(val_fraction: float = 0.05, max_examples: int | None = None,
                           stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
     """What SFT trains on by default: the docstring Q&A (`task` "docs") and the verifiable module questions (`task`
@@ -159,14 +170,7 @@ def load_chat_dataset(spec: str, val_fraction: float = 0.05, max_examples: int |
     split by `val_fraction`."""
     if spec == "embedded":
         return embedded_chat_dataset(val_fraction, max_examples)
-    path = Path(spec)
-    if path.exists():
-        files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.json*"))
-        if not files:
-            raise ValueError(f"--data {spec}: no .json or .jsonl files in the folder")
-        loaded = datasets.load_dataset("json", data_files=files)
-    else:
-        loaded = datasets.load_dataset(spec)  # the Hub; offline this needs the dataset in the local cache
+    loaded = _load_files_or_hub(spec)
     columns = set(loaded[next(iter(loaded))].column_names)
     if "messages" not in columns and not {"prompt", "completion"} <= columns:
         raise ValueError(f"--data {spec}: rows need 'messages' or 'prompt' + 'completion'; found {sorted(columns)}")
@@ -296,14 +300,7 @@ def load_preference_dataset(
     empty field, or with chosen == rejected, raise a ValueError naming the first one, before anything trains."""
     if spec == "embedded":
         return preference_dataset(val_fraction, max_examples)
-    path = Path(spec)
-    if path.exists():
-        files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.json*"))
-        if not files:
-            raise ValueError(f"--data {spec}: no .json or .jsonl files in the folder")
-        loaded = datasets.load_dataset("json", data_files=files)
-    else:
-        loaded = datasets.load_dataset(spec)  # the Hub; offline this needs the dataset in the local cache
+    loaded = _load_files_or_hub(spec)
     splits = {}
     for split, rows in loaded.items():
         if missing := {"chosen", "rejected"} - set(rows.column_names):

@@ -254,11 +254,7 @@ def main(argv=None) -> dict:
         model = model.merge_and_unload()
     args.out.mkdir(parents=True, exist_ok=True)
     out_model = args.out / "model"
-    if isinstance(model, tiny_hf.TinyPreTrainedModel):
-        tiny_hf.export(model, tokenizer, out_model)  # loads with or without tiny_hf
-    else:
-        model.save_pretrained(out_model)
-        tokenizer.save_pretrained(out_model)
+    tiny_hf.save_model(model, tokenizer, out_model)
     log = [{k: r[k] for k in ("step", *LOGGED) if k in r} for r in trainer.state.log_history if "loss" in r]
     figures = {
         "model": args.model, "data": args.data, "lora": args.lora, "loss_type": args.loss_type, "beta": args.beta,

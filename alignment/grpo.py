@@ -260,11 +260,7 @@ def main(argv=None) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     out_model = args.out / "model"
-    if isinstance(model, tiny_hf.TinyPreTrainedModel):
-        tiny_hf.export(model, tokenizer, out_model)
-    else:
-        model.save_pretrained(out_model)
-        tokenizer.save_pretrained(out_model)
+    tiny_hf.save_model(model, tokenizer, out_model)
     keys = LOGGED + tuple(f"rewards/{name}/mean" for name in trainer.reward_func_names)
     log = [{k: r[k] for k in ("step", *keys) if k in r} for r in trainer.state.log_history if "reward" in r]
     ties = [r["frac_reward_zero_std"] for r in log if "frac_reward_zero_std" in r]

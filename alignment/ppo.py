@@ -426,11 +426,7 @@ def export_policy(model: ValueHeadModel, tokenizer, out_dir: Path, lora: bool) -
     """The trained policy as a plain causal LM (LoRA merged), loadable without tiny_hf for tiny models."""
     policy = model.policy.merge_and_unload() if lora else model.policy
     policy = policy.cpu()
-    if isinstance(policy, tiny_hf.TinyPreTrainedModel):
-        return tiny_hf.export(policy, tokenizer, out_dir)
-    policy.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return tiny_hf.save_model(policy, tokenizer, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -177,11 +177,7 @@ def main(argv=None) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     out_model = args.out / "model"
-    if isinstance(model, tiny_hf.TinyPreTrainedModel):
-        tiny_hf.export(model, tokenizer, out_model)
-    else:
-        model.save_pretrained(out_model)
-        tokenizer.save_pretrained(out_model)
+    tiny_hf.save_model(model, tokenizer, out_model)
     plot_margins(before["margins"], after["margins"], args.out / "margins.png")
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     figures = {

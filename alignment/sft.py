@@ -177,11 +177,7 @@ def main(argv=None) -> dict:
     print(f"held-out assistant loss after SFT: {after['loss']:.3f} ({minutes:.1f} min)")
 
     out_model = args.out / "model"
-    if isinstance(model, tiny_hf.TinyPreTrainedModel):
-        tiny_hf.export(model, tokenizer, out_model)  # loads with or without tiny_hf
-    else:
-        model.save_pretrained(out_model)
-        tokenizer.save_pretrained(out_model)
+    tiny_hf.save_model(model, tokenizer, out_model)
     train_losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     figures = {
         "model": args.model, "data": args.data, "train_conversations": len(data["train"]),

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from .configuration_tiny import PRESETS, TinyConfig
-from .convert import export, to_llama
+from .convert import export, save_model, to_llama
 from .modeling_tiny import TinyForCausalLM, TinyForSequenceClassification, TinyModel, TinyPreTrainedModel
 from .tokenization_tiny import TinyTokenizerFast
 
@@ -33,5 +33,6 @@ __all__ = [
     "TinyPreTrainedModel",
     "TinyTokenizerFast",
     "export",
+    "save_model",
     "to_llama",
 ]

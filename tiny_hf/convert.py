@@ -102,6 +102,18 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, ou
     return out_dir
 
 
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
+    """Save a trained model and its tokenizer the one way every script here does: a tiny_hf model through `export`
+    (the folder then loads with or without tiny_hf installed), any other model with its own `save_pretrained`."""
+    if getattr(model.config, "model_type", None) == TinyConfig.model_type:
+        return export(model, tokenizer, out_dir)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def export_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Save a `TinyTokenizerFast` so that `AutoTokenizer.from_pretrained(dir, trust_remote_code=True)` loads it
     without tiny_hf: its files, an `auto_map` in tokenizer_config.json, and tokenization_tiny.py beside them.

@@ -392,11 +392,7 @@ def main(argv=None) -> dict:
     if args.merge:  # into a float32 base: with --qlora the merged model is the adapter over the unquantized weights
         merged = PeftModel.from_pretrained(load_base(False), adapter_dir).merge_and_unload()
         merged_dir = args.out / "merged"
-        if merged.config.model_type == "tiny":
-            tiny_hf.export(merged, tokenizer, merged_dir)  # loads with or without tiny_hf installed
-        else:
-            merged.save_pretrained(merged_dir)
-            tokenizer.save_pretrained(merged_dir)
+        tiny_hf.save_model(merged, tokenizer, merged_dir)
         summary.update(merged_dir=str(merged_dir), merged=measure(merged),
                        merge_max_abs_diff=(logits(merged) - trained_logits).abs().max().item())  # fmt: skip
     summary["wall_time_s"] = time.perf_counter() - started

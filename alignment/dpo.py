@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
+from alignment import trl_defaults  # noqa: E402
 from alignment.data import load_preference_dataset  # noqa: E402
 from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
@@ -202,9 +203,8 @@ def dpo_config(args: argparse.Namespace):
         output_dir=str(args.out / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=args.warmup_steps, weight_decay=0.0, max_length=args.max_length, loss_type=[args.loss_type],
-        beta=args.beta, label_smoothing=args.label_smoothing, logging_steps=args.logging_steps, save_strategy="no",
-        report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(),
-        bf16=False, activation_checkpointing=False, dataloader_num_workers=0,  # TRL's defaults: bf16 + checkpointing
+        beta=args.beta, label_smoothing=args.label_smoothing, logging_steps=args.logging_steps, seed=args.seed,
+        **trl_defaults(),
     )  # fmt: skip
 
 

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
+from alignment import trl_defaults  # noqa: E402
 from alignment.data import exact_match_reward, verifiable_dataset  # noqa: E402
 from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
@@ -192,9 +193,8 @@ def rl_config(args: argparse.Namespace, eos_token_ids: list[int]):
         output_dir=str(args.out / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
         weight_decay=0.0, num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        temperature=args.temperature, beta=args.beta, logging_steps=args.logging_steps, save_strategy="no",
-        report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(), bf16=False,
-        activation_checkpointing=False, dataloader_num_workers=0, log_completions=False,
+        temperature=args.temperature, beta=args.beta, logging_steps=args.logging_steps, seed=args.seed,
+        log_completions=False, **trl_defaults(),
         generation_kwargs={"eos_token_id": eos_token_ids},  # stop at <|im_end|>, the end of an assistant turn
         model_init_kwargs=model_init_kwargs,
     )  # fmt: skip

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
+from alignment import trl_defaults  # noqa: E402
 from alignment.data import load_preference_dataset  # noqa: E402
 from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
@@ -123,8 +124,7 @@ def reward_config(args: argparse.Namespace):
         output_dir=str(args.out / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, weight_decay=0.0,
         max_length=args.max_length, center_rewards_coefficient=args.center_rewards or None, logging_steps=10,
-        save_strategy="no", report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(),
-        bf16=False, activation_checkpointing=False, dataloader_num_workers=0,
+        seed=args.seed, **trl_defaults(),
     )  # fmt: skip
 
 

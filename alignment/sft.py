@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
+from alignment import trl_defaults  # noqa: E402
 from alignment.data import exact_match_reward, load_chat_dataset  # noqa: E402
 from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
@@ -119,17 +120,12 @@ def sft_config(args: argparse.Namespace, max_length: int):
         warmup_steps=args.warmup_steps,
         weight_decay=0.0,
         logging_steps=10,
-        save_strategy="no",
-        report_to="none",
         seed=args.seed,
         max_length=max_length,
         assistant_only_loss=True,
         packing=args.packing != "none",
         packing_strategy=args.packing if args.packing != "none" else "bfd",
-        bf16=False,  # TRL defaults to bf16 and gradient checkpointing: slow or unsupported on CPU
-        activation_checkpointing=False,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        **trl_defaults(),
     )
 
 

@@ -31,6 +31,7 @@ import os
 import re
 import sysconfig
 import tokenize
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -62,6 +63,13 @@ def summary(docstring: str) -> str:
 
 def _stable_index(text: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % n
+
+
+def _subset(items: list, max_examples: int | None, key: Callable[[object], str]) -> list:
+    """A fixed pseudo-random subset of `max_examples` items (by a hash of `key`), in `key` order; all when None."""
+    if max_examples is None:
+        return items
+    return sorted(sorted(items, key=lambda item: _stable_fraction(key(item)))[:max_examples], key=key)
 
 
 def docstring_pairs(stdlib_dir: str | None = None) -> list[dict]:
@@ -114,9 +122,7 @@ def instruction_dataset(val_fraction: float = 0.05, max_examples: int | None = N
         stdlib_dir: Read this folder instead of the running interpreter's standard library (tests).
     """
     pairs = docstring_pairs(stdlib_dir)
-    if max_examples is not None:
-        pairs = sorted(pairs, key=lambda p: _stable_fraction(p["name"]))[:max_examples]
-        pairs.sort(key=lambda p: p["name"])
+    pairs = _subset(pairs, max_examples, key=lambda p: p["name"])
     rows = {"train": [], "test": []}
     for pair in pairs:
         split = "test" if _stable_fraction(f"stdlib/{pair['module']}") < val_fraction else "train"
@@ -209,9 +215,7 @@ def preference_dataset(val_fraction: float = 0.05, max_examples: int | None = No
     assistant turn each), plus `kind` (which REJECTION_KINDS made the rejected answer), `id` and `module`.
     Held out: the same modules as the instruction data. Chosen never equals rejected."""
     pairs = docstring_pairs(stdlib_dir)
-    if max_examples is not None:
-        pairs = sorted(pairs, key=lambda p: _stable_fraction(p["name"]))[:max_examples]
-        pairs.sort(key=lambda p: p["name"])
+    pairs = _subset(pairs, max_examples, key=lambda p: p["name"])
     rows = {"train": [], "test": []}
     for pair in pairs:
         kind = REJECTION_KINDS[_stable_index(pair["name"] + "/kind", len(REJECTION_KINDS))]
@@ -251,9 +255,7 @@ def verifiable_dataset(val_fraction: float = 0.1, max_examples: int | None = Non
     ]  # fmt: skip
     questions += [(f"add/{a}+{b}", "arithmetic", ARITHMETIC_QUESTION.format(a=a, b=b), str(a + b), str(a + b))
                   for a in range(ARITHMETIC_MAX + 1) for b in range(ARITHMETIC_MAX + 1)]  # fmt: skip
-    if max_examples is not None:
-        questions = sorted(questions, key=lambda q: _stable_fraction(q[0]))[:max_examples]
-        questions.sort(key=lambda q: q[0])
+    questions = _subset(questions, max_examples, key=lambda q: q[0])
     rows = {"train": [], "test": []}
     for id_, kind, question, answer, completion in questions:
         split = "test" if _stable_fraction("verifiable/" + id_) < val_fraction else "train"

@@ -75,7 +75,7 @@ from alignment.rl import (  # noqa: E402
 )
 from app import resolve_model  # noqa: E402
 from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
-from training.pretrain import latest_checkpoint, rng_state, set_rng_state  # noqa: E402
+from training.pretrain import global_batch_indices, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
 
 TASKS = ("verifiable", "docs")
 # Reward functions by name, TRL's signature: fn(prompts=..., completions=..., completion_ids=..., **columns) -> floats.
@@ -233,19 +233,6 @@ def load_prompts(task: str, max_examples: int | None, stdlib_dir: str | None = N
     if not rows:
         raise ValueError(f"--task {task}: no prompts")
     return rows
-
-
-def prompt_order(step: int, batch_size: int, num_prompts: int, seed: int) -> list[int]:
-    """The prompt indices of PPO step `step` (0-based): a fresh permutation per epoch over the prompts, a pure function
-    of the step, so a resumed run sees the prompts the interrupted one would have."""
-    indices, position = [], step * batch_size
-    while len(indices) < batch_size:
-        epoch, offset = divmod(position, num_prompts)
-        order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        take = min(batch_size - len(indices), num_prompts - offset)
-        indices += order[offset : offset + take].tolist()
-        position += take
-    return indices
 
 
 def request_seed(seed: int, step: int, index: int) -> int:
@@ -560,7 +547,8 @@ def main(argv=None) -> dict:
     for step in range(start_step, args.max_steps):
         # Rollout: sample, cut at the stop token, lay out (prompt + response) rows.
         t0 = time.perf_counter()
-        indices = prompt_order(step, args.batch_size, len(rows), args.seed)
+        # pretraining's order: a permutation per epoch, a pure function of the step, so a resumed run continues it
+        indices = global_batch_indices(step, args.batch_size, len(rows), args.seed)
         batch_rows = [rows[i] for i in indices]
         batch_prompts = [prompt_ids[i] for i in indices]
         seeds = [request_seed(args.seed, step, j) for j in range(len(indices))]

@@ -22,3 +22,15 @@ def resolve_model(model: str) -> tuple[str, list[Path]]:
     if path.exists():
         raise FileNotFoundError(f"the folder has neither config.json nor {MODEL_SUBFOLDER}/config.json")
     return model, []
+
+
+def load_rag_index(path: str):
+    """The `rag.index.RagIndex` in the folder `path` (the scripts' --rag-index); a missing or damaged folder exits
+    with a one-line error."""
+    from rag.index import RagIndex
+
+    try:
+        return RagIndex.load(path)
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SystemExit(f"error: cannot load --rag-index {path!r}: {reason}") from None

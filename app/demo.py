@@ -1,6 +1,7 @@
-"""A Gradio demo of a tiny_hf model: chat, tokenizer playground, attention maps and the model card, in one page.
+"""A Gradio demo of a tiny_hf model: chat, grounded answers, tokenizer playground, attention maps and the model card.
 
     python -m app.demo --model runs/demo        # then open http://127.0.0.1:7860
+    python -m app.demo --model runs/sft --rag-index runs/rag-index   # adds the "Ask the docs" tab
 
 `--model` is a run folder (`make demo` writes `runs/demo`; its `model/` subfolder is loaded and its
 `loss_curve.png` and `summary.md` go on the model card), a model folder, or a Hub id. Generation goes through
@@ -13,6 +14,10 @@ Tabs, and the API endpoints behind them (for `gradio_client.Client(url).predict(
   template; when it outgrows the context window the oldest turns are left out (the system prompt stays).
   `/chat(message, history, system_prompt, temperature, top_p, top_k, max_tokens, repetition_penalty)` streams
   the growing reply text; `history` is a list of `{"role": ..., "content": ...}` dicts (or None).
+- **Ask the docs** (only with `--rag-index DIR`, an index folder of `python -m rag.index`): a question answered
+  greedily from the index's passages, cited as [1], [2] (rag/answer.py, on the same engine loop as the chat).
+  `/ask(question, k, mode, max_tokens)` streams (passages, answer): the passages that fit the prompt as a table
+  (columns #, document, score, cited: ✓ once the answer cites it, passage) and the growing answer text.
 - **Tokenizer**: the text cut into its tokens, each labelled with its id. `/tokenize(text)` returns the
   (token text, ids) spans, whose texts join back into the input, and a line of counts.
 - **Attention**: one head's attention probabilities over a prompt as a heatmap. `/attention(prompt, layer, head)`.
@@ -33,13 +38,16 @@ import torch
 from matplotlib.figure import Figure
 
 import tiny_hf  # noqa: F401  (registers the Auto classes, so run folders load without trust_remote_code)
-from app import resolve_model
+from app import load_rag_index, resolve_model
+from rag.answer import Source, cite, grounded_prompt
+from rag.index import SEARCH_MODES
 from tiny_hf.engine import ContextWindowError, Engine, EngineLoop, SamplingParams, fit_messages
 
 RUN_FILES = ("loss_curve.png", "summary.md")  # what training/report.py writes beside it
 ATTENTION_MAX_TOKENS = 48  # a heatmap with more rows than this is unreadable
 TOKENIZE_MAX_CHARS = 20_000  # keeps one request from tying up the tokenizer tab
 IM_END = "<|im_end|>"  # ChatML's end of turn: where a chat reply stops
+PASSAGE_COLUMNS = ["#", "document", "score", "cited", "passage"]  # the Ask the docs table
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -118,6 +126,15 @@ def stream_reply(loop: EngineLoop, prompt_ids: list[int], params: SamplingParams
         raise gr.Error(str(error)) from None
     if not reply:
         yield reply  # the model ended its turn at once: still one (empty) answer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ask the docs
+# ---------------------------------------------------------------------------------------------------------------------
+def passage_rows(sources: Sequence[Source], citations: Sequence[Source] = ()) -> list[list]:
+    """The rows of the passages table (`PASSAGE_COLUMNS`): number, document id, score, ✓ if cited, text."""
+    cited = {c.number for c in citations}
+    return [[s.number, s.doc_id, round(s.score, 4), "✓" if s.number in cited else "", s.text] for s in sources]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,7 +260,8 @@ def find_run_file(run_dirs: list[Path], name: str) -> Path | None:
 # The app
 # ---------------------------------------------------------------------------------------------------------------------
 def build_demo(model: str, *, device: str | None = None, max_seq_len: int | None = None,
-               trust_remote_code: bool = False, max_batch_size: int = 8) -> tuple[gr.Blocks, EngineLoop]:  # fmt: skip
+               trust_remote_code: bool = False, max_batch_size: int = 8,
+               rag_index=None) -> tuple[gr.Blocks, EngineLoop]:  # fmt: skip
     """Load `model` into an engine, start its loop, and build the app around it.
 
     Args:
@@ -252,6 +270,7 @@ def build_demo(model: str, *, device: str | None = None, max_seq_len: int | None
         max_seq_len: The context window; default: the model's `max_position_embeddings`.
         trust_remote_code: Allow a folder's own modeling code (an exported model without tiny_hf installed).
         max_batch_size: Chat replies generated together (the engine's cache slots); more wait in Gradio's queue.
+        rag_index: A `rag.index.RagIndex`: adds the Ask the docs tab (`main` loads it from --rag-index).
 
     Returns:
         The Blocks (not launched) and the running EngineLoop: the caller launches the one and, once the app is
@@ -347,6 +366,24 @@ def build_demo(model: str, *, device: str | None = None, max_seq_len: int | None
             answer["content"] = reply
             yield history
 
+    # -- Ask the docs: retrieve, fit, generate greedily on the loop, cite -----------------------------------------
+    def ask(question: str, k: int = 4, mode: str = "hybrid", max_tokens: int = 64) -> Iterator[tuple[list, str]]:
+        """Stream (the passages table, the answer so far); the cited column fills in as the answer cites."""
+        params = params_from(0.0, 1.0, 0, max_tokens, 1.0)  # greedy: the same answer on every run
+        try:
+            prompt_ids, sources, dropped = grounded_prompt(
+                question, rag_index, tokenizer, window=engine.max_seq_len, k=int(k), mode=mode,
+                max_new_tokens=params.max_tokens,
+            )  # fmt: skip
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        if dropped:
+            gr.Warning(f"{dropped} of the {len(sources) + dropped} passages did not fit the prompt: left out.")
+        yield passage_rows(sources), ""
+        for reply in stream_reply(loop, prompt_ids, params):
+            grounded = cite(reply.strip(), sources)
+            yield passage_rows(sources, grounded.citations), grounded.text
+
     with gr.Blocks(title=f"tiny-hf · {model}") as demo:
         gr.Markdown(f"## tiny-hf demo · `{model}`")
         with gr.Tabs():
@@ -391,6 +428,44 @@ def build_demo(model: str, *, device: str | None = None, max_seq_len: int | None
                 stop.click(None, cancels=[answering], api_visibility="private")
                 clear.click(None, cancels=[answering], api_visibility="private")
                 gr.api(chat, api_name="chat", concurrency_limit=max_batch_size, concurrency_id="generate")
+
+            if rag_index is not None:
+                with gr.Tab("Ask the docs", id="ask-docs"):
+                    question = gr.Textbox(
+                        label=f"Question (answered from {len(rag_index)} indexed passages)",
+                        placeholder="How do I parse JSON text?",
+                        submit_btn="Ask",
+                        elem_id="rag-question",
+                    )
+                    with gr.Row():
+                        rag_k = gr.Slider(1, 10, value=4, step=1, precision=0, label="passages retrieved (k)")
+                        rag_mode = gr.Radio(list(SEARCH_MODES), value="hybrid", label="retrieval")
+                        rag_tokens = gr.Slider(
+                            1,
+                            reply_room,
+                            value=min(64, reply_room),
+                            step=1,
+                            precision=0,
+                            label="max new tokens",
+                            elem_id="rag-max-tokens",
+                        )
+                    rag_answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="rag-answer")
+                    passages = gr.Dataframe(
+                        headers=PASSAGE_COLUMNS,
+                        datatype=["number", "str", "number", "str", "str"],
+                        label="Passages in the prompt (cited ✓ = the answer names it as [n])",
+                        interactive=False,
+                        wrap=True,
+                        elem_id="rag-passages",
+                    )
+                    question.submit(
+                        ask,
+                        [question, rag_k, rag_mode, rag_tokens],
+                        [passages, rag_answer],
+                        api_name="ask",
+                        concurrency_limit=max_batch_size,
+                        concurrency_id="generate",
+                    )
 
             with gr.Tab("Tokenizer", id="tokenizer"):
                 text = gr.Textbox(
@@ -450,14 +525,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 makes the demo reachable from other machines")
     server.add_argument("--port", type=int, default=7860)
     server.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    rag = parser.add_argument_group("retrieval")
+    rag.add_argument("--rag-index", default=None, metavar="DIR",
+                     help="an index folder (python -m rag.index): adds the Ask the docs tab")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    rag_index = load_rag_index(args.rag_index) if args.rag_index else None  # before the model: fail fast
     try:
         demo, loop = build_demo(
-            args.model, device=args.device, max_seq_len=args.max_seq_len, trust_remote_code=args.trust_remote_code
+            args.model,
+            device=args.device,
+            max_seq_len=args.max_seq_len,
+            trust_remote_code=args.trust_remote_code,
+            rag_index=rag_index,
         )
     except (OSError, TypeError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -11,6 +11,16 @@ API) can use a tiny-hf run folder or Hub model.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (`stream: true` sends server-sent events),
 `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: queue length, running requests, tokens/s, totals).
+With `--rag-index DIR` (an index folder of `python -m rag.index`) also `POST /v1/rag/answer`, grounded answers
+(rag/answer.py) generated greedily on the same loop:
+
+    curl localhost:8000/v1/rag/answer -H 'Content-Type: application/json' \\
+        -d '{"question": "How do I parse JSON?", "k": 4, "mode": "hybrid", "max_tokens": 64}'
+    # {"answer": "... [1] ...", "citations": [source, ...], "sources": [source, ...], "dropped": 0, "usage": {...}}
+
+A source is {"number", "doc_id", "start", "end", "chunk_index", "score", "text"}: `sources` are the retrieved
+passages the prompt held, numbered as in the prompt, and `citations` those the answer names as [n].
+
 Every error is a 4xx/5xx with OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: malformed JSON or
 parameters 400, a wrong API key 401, an unknown model 404, a prompt over the context window 400
 (`context_length_exceeded`), a full queue 429. All requests share one continuous batch (tiny_hf.engine.EngineLoop);
@@ -33,12 +43,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastapi import Depends, FastAPI, Request  # noqa: E402
+from fastapi.concurrency import run_in_threadpool  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 import tiny_hf  # noqa: E402, F401  (registers the tiny model type with the Auto classes)
-from app import resolve_model  # noqa: E402
+from app import load_rag_index, resolve_model  # noqa: E402
+from rag.answer import QuestionTooLongError, cite, grounded_prompt  # noqa: E402
 from tiny_hf.engine import (  # noqa: E402
     WINDOW_POLICIES,
     ContextWindowError,
@@ -113,6 +125,17 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
+class RagRequest(BaseModel):
+    """A grounded question: retrieve `k` passages by `mode`, answer greedily in at most `max_tokens` tokens."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    question: str
+    k: int = Field(default=4, ge=1)
+    mode: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
 class ApiError(Exception):
     """An error answered with OpenAI's error body."""
 
@@ -141,9 +164,10 @@ def _engine_error(error: Exception) -> ApiError:
 # ---------------------------------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------------------------------
-def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
-              shutdown_timeout: float = 10.0) -> FastAPI:  # fmt: skip
-    """The FastAPI app serving `loop`'s engine under the name `model_name`."""
+def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, shutdown_timeout: float = 10.0,
+              rag_index=None) -> FastAPI:  # fmt: skip
+    """The FastAPI app serving `loop`'s engine under the name `model_name`; with `rag_index` (a
+    `rag.index.RagIndex`) also `POST /v1/rag/answer`."""
     engine = loop.engine
     tokenizer = engine.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
@@ -200,6 +224,13 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "tiny-hf",
                  "max_model_len": engine.max_seq_len}  # fmt: skip
         return {"object": "list", "data": [entry]}
+
+    def reply_room(max_tokens: int | None) -> int:
+        """The tokens kept for a reply: `max_tokens`, or by default a quarter of the window (at most 256)."""
+        return max_tokens or min(256, engine.max_seq_len // 4)
+
+    def stop_at_end_of_turn() -> tuple[int, ...]:
+        return (end_of_turn,) if end_of_turn is not None else ()
 
     async def run(prompts: list, params: SamplingParams, request: Request) -> list[dict]:
         """Run prompts to completion; each result has text, finish_reason and token counts."""
@@ -278,13 +309,13 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
         ]
         max_tokens = body.max_completion_tokens or body.max_tokens
-        budget = engine.max_seq_len - (max_tokens or min(256, engine.max_seq_len // 4))
+        budget = engine.max_seq_len - reply_room(max_tokens)
         try:
             prompt_ids, _dropped = fit_messages(tokenizer, messages, budget=max(budget, 1),
                                                 policy=engine.window_policy)  # fmt: skip
         except ValueError as error:
             raise _engine_error(error) from error
-        params = _params(body, max_tokens, stop_token_ids=(end_of_turn,) if end_of_turn is not None else ())
+        params = _params(body, max_tokens, stop_token_ids=stop_at_end_of_turn())
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             (result,) = await run([prompt_ids], params, request)
@@ -317,6 +348,28 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None,
             yield sse("[DONE]")
 
         return StreamingResponse(_closing(events(), stream), media_type="text/event-stream")
+
+    if rag_index is not None:
+
+        @app.post("/v1/rag/answer", dependencies=auth)
+        async def rag_answer(body: RagRequest, request: Request) -> dict:
+            max_tokens = reply_room(body.max_tokens)
+            try:
+                # Retrieval (a dense query runs the encoder) and tokenizing are CPU work: off the event loop.
+                prompt_ids, sources, dropped = await run_in_threadpool(
+                    grounded_prompt, body.question, rag_index, tokenizer, window=engine.max_seq_len, k=body.k,
+                    mode=body.mode, max_new_tokens=max_tokens,
+                )  # fmt: skip
+            except QuestionTooLongError as error:
+                raise ApiError(400, str(error), param="question", code="context_length_exceeded") from error
+            except ValueError as error:  # an empty question, or max_tokens leaving no room for a prompt
+                raise ApiError(400, str(error)) from error
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=stop_at_end_of_turn())
+            (result,) = await run([prompt_ids], params, request)
+            grounded = cite(result["text"].strip(), sources, prompt_tokens=len(prompt_ids), dropped=dropped)
+            return {"answer": grounded.text, "citations": [c.to_dict() for c in grounded.citations],
+                    "sources": [s.to_dict() for s in grounded.sources], "dropped": grounded.dropped,
+                    "usage": usage([result])}  # fmt: skip
 
     return app
 
@@ -360,6 +413,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
     server.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get on exit")
+    rag = parser.add_argument_group("retrieval")
+    rag.add_argument("--rag-index", default=None, metavar="DIR",
+                     help="an index folder (python -m rag.index): serve POST /v1/rag/answer")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -371,6 +427,7 @@ def main(argv=None) -> None:
         path, _ = resolve_model(args.model)
     except FileNotFoundError as error:
         raise SystemExit(f"error: --model {args.model}: {error}") from None
+    rag_index = load_rag_index(args.rag_index) if args.rag_index else None  # before the model: fail fast
     engine = Engine.from_pretrained(
         path,
         device=args.device,
@@ -384,8 +441,11 @@ def main(argv=None) -> None:
     )
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     loop = EngineLoop(engine).start()
-    app = build_app(loop, model_name=name, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout)
+    app = build_app(loop, model_name=name, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
+                    rag_index=rag_index)  # fmt: skip
     print(f"Serving {path} as {name!r} on http://{args.host}:{args.port}/v1 (window {engine.max_seq_len} tokens)")
+    if rag_index is not None:
+        print(f"Grounded answers from {args.rag_index} ({len(rag_index)} chunks) at POST /v1/rag/answer")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info",
                 timeout_graceful_shutdown=int(args.shutdown_timeout) + 1)  # fmt: skip
 

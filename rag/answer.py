@@ -6,9 +6,12 @@ kept for the answer (`max_new_tokens`): the question and the instructions always
 lowest-ranked up until the prompt fits (a passage is never cut: half a passage can say the opposite of the whole).
 A question that does not fit even without passages is an error, not a silent truncation.
 
-Generation runs on `tiny_hf.engine.Engine` (greedy, window_policy="reject": the prompt was fitted already) for
-TinyForCausalLM-style models, and on `model.generate` for any other Hugging Face causal LM. The answer comes back with
-the passages the prompt held (`sources`: document id, character offsets, score) and those the text cites
+`answer` runs the three steps: `grounded_prompt` (retrieve and fit: the prompt ids, the numbered `Source`s it
+holds, how many were dropped), generation, and `cite` (the generated text and those sources into an `Answer`). It
+generates on a new `tiny_hf.engine.Engine` per call (greedy, window_policy="reject": the prompt was fitted already)
+for TinyForCausalLM-style models, and on `model.generate` for any other Hugging Face causal LM; the server and the
+web demo (app/) call `grounded_prompt` and `cite` around their own running EngineLoop instead. The answer comes
+back with the passages the prompt held (`sources`: document id, character offsets, score) and those the text cites
 (`citations`: every [n] in the answer that names one of them).
 
 `measure_answers` compares answer quality with and without retrieval on held-out questions (rag.evaluate's query
@@ -37,6 +40,10 @@ DEFAULT_SYSTEM = (
 )
 NO_CONTEXT_SYSTEM = "Answer the question briefly."
 _CITATION = re.compile(r"\[(\d+)\]")
+
+
+class QuestionTooLongError(ValueError):
+    """The question (with the instructions) does not fit the prompt budget even without any passage."""
 
 
 @dataclass
@@ -132,7 +139,8 @@ def build_prompt(
         The prompt ids and how many passages fit (the first ones; the rest were dropped).
 
     Raises:
-        ValueError: an empty question, or one that does not fit the budget even without passages.
+        ValueError: an empty question; QuestionTooLongError (a ValueError) for one that does not fit the budget even
+            without passages.
     """
     if not question.strip():
         raise ValueError("the question is empty")
@@ -145,7 +153,7 @@ def build_prompt(
 
     bare = encode(0)
     if len(bare) > budget:
-        raise ValueError(
+        raise QuestionTooLongError(
             f"the question takes {len(bare)} prompt tokens without any passage, over the budget of {budget} (the "
             f"window minus the answer's tokens); shorten the question or lower max_new_tokens"
         )
@@ -194,6 +202,60 @@ def _source(number: int, hit) -> Source:
     return Source(number, hit.doc_id, hit.start, hit.end, hit.chunk_index, hit.score, hit.text)
 
 
+def grounded_prompt(
+    question: str,
+    index,
+    tokenizer,
+    *,
+    window: int,
+    k: int = 4,
+    mode: str = "hybrid",
+    max_new_tokens: int = 64,
+    system: str | None = DEFAULT_SYSTEM,
+) -> tuple[list[int], list[Source], int]:
+    """Retrieve the top k passages for `question` and fit as many as the window allows into a chat prompt.
+
+    Args:
+        question: the question.
+        index: a `rag.index.RagIndex`.
+        tokenizer: the generator's tokenizer.
+        window: the generator's context window in tokens (`context_window(model)`, or an engine's max_seq_len).
+        k: passages retrieved (fewer may fit the prompt).
+        mode: "bm25", "dense" or "hybrid".
+        max_new_tokens: tokens kept for the answer; the prompt gets the window minus these.
+        system: the system message.
+
+    Returns:
+        The prompt ids, the passages it holds as `Source`s numbered as in the prompt, and how many retrieved
+        passages were dropped to fit.
+
+    Raises:
+        ValueError: k < 1, an empty index, no room for a prompt, an empty question, an unknown mode, or a question
+            that does not fit even without passages (`QuestionTooLongError`).
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1 passage")
+    if len(index) == 0:
+        raise ValueError("the index is empty: add documents (python -m rag.index) before asking it")
+    budget = window - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the {window}-token window")
+    if not question.strip():
+        raise ValueError("the question is empty")
+    hits = index.search(question, k=k, mode=mode)
+    ids, n = build_prompt(question, hits, tokenizer, budget=budget, system=system)
+    return ids, [_source(i, h) for i, h in enumerate(hits[:n], start=1)], len(hits) - n
+
+
+def cite(text: str, sources: Sequence[Source], *, prompt_tokens: int = 0, dropped: int = 0) -> Answer:
+    """The `Answer` for generated `text`: its citations are the sources its [n] markers name, in order of first
+    mention (a number that names no source is ignored)."""
+    sources = list(sources)
+    cited = dict.fromkeys(int(m) for m in _CITATION.findall(text))
+    citations = [sources[c - 1] for c in cited if 1 <= c <= len(sources)]
+    return Answer(text, citations, sources, prompt_tokens, dropped)
+
+
 def answer(
     question: str,
     index,
@@ -217,23 +279,12 @@ def answer(
         max_new_tokens: tokens kept for the answer; the prompt gets the window minus these.
         system: the system message.
     """
-    if k < 1:
-        raise ValueError(f"k={k} must be >= 1 passage")
-    if len(index) == 0:
-        raise ValueError("the index is empty: add documents (python -m rag.index) before asking it")
     window = context_window(model)
-    budget = window - max_new_tokens
-    if budget < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the {window}-token window")
-    if not question.strip():
-        raise ValueError("the question is empty")
-    hits = index.search(question, k=k, mode=mode)
-    ids, n = build_prompt(question, hits, tokenizer, budget=budget, system=system)
+    ids, sources, dropped = grounded_prompt(
+        question, index, tokenizer, window=window, k=k, mode=mode, max_new_tokens=max_new_tokens, system=system
+    )
     text = generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens, window=window)
-    sources = [_source(i, h) for i, h in enumerate(hits[:n], start=1)]
-    cited = dict.fromkeys(int(m) for m in _CITATION.findall(text))
-    citations = [sources[c - 1] for c in cited if 1 <= c <= len(sources)]
-    return Answer(text, citations, sources, len(ids), len(hits) - n)
+    return cite(text, sources, prompt_tokens=len(ids), dropped=dropped)
 
 
 def answer_without_retrieval(question: str, model, tokenizer, *, max_new_tokens: int = 64) -> Answer:

@@ -1,6 +1,6 @@
 """The Gradio demo (app/demo.py), served for real on a loopback port: its API through gradio_client, its page in
 Debian's chromium through Playwright. The model is the random tiny LM of `tiny_lm_dir`, inside a run folder with a
-summary and a loss curve, so every tab has something to show."""
+summary and a loss curve, and a five-document retrieval index goes with it, so every tab has something to show."""
 
 import shutil
 from pathlib import Path
@@ -13,7 +13,8 @@ from conftest import free_port  # noqa: E402
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from app.demo import attention_map, build_demo, main, resolve_model, token_spans  # noqa: E402
+from app import load_rag_index  # noqa: E402
+from app.demo import PASSAGE_COLUMNS, attention_map, build_demo, main, resolve_model, token_spans  # noqa: E402
 
 # One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
 pytestmark = pytest.mark.xdist_group("gradio")
@@ -33,6 +34,18 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TRICKY_TEXT = "The json module: héllo wörld 🙂\n\n  tabs\tand <|im_end|> special."
 # Greedy, so that a reply is the same on every run; short, so that the file stays fast.
 GREEDY = dict(system_prompt="", temperature=0.0, top_p=1.0, top_k=0, max_tokens=24, repetition_penalty=1.0)
+RAG_DOCS = [
+    {"id": "json", "text": "The json module encodes Python objects as JSON text. json.dumps returns a string, and "
+                           "json.loads parses JSON text back into Python objects."},
+    {"id": "csv", "text": "The csv module reads and writes comma separated values. csv.reader yields the rows of a "
+                          "file as lists of strings."},
+    {"id": "pathlib", "text": "The pathlib module has Path objects for file system paths. Path.read_text returns the "
+                              "contents of a file as a string."},
+    {"id": "re", "text": "The re module matches regular expressions. re.search finds the first match of a pattern."},
+    {"id": "heapq", "text": "The heapq module keeps a list as a priority queue: heappush adds, heappop takes the "
+                            "smallest item."},
+]  # fmt: skip
+RAG_QUESTION = "How does json.loads parse JSON text?"
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +63,24 @@ def run_dir(tiny_lm_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(run_dir):
-    demo, loop = build_demo(str(run_dir))
+def rag_index_dir(tiny_lm_dir, tmp_path_factory):
+    """Five short documents embedded by the tiny model (fast), in an index folder as `python -m rag.index` writes
+    it. The chunks are short: the tiny tokenizer spends ~195 of the 256-token window on the instructions."""
+    from rag import Encoder, RagIndex
+
+    index = RagIndex(Encoder(str(tiny_lm_dir)), chunk_size=12, overlap=2)
+    index.add(RAG_DOCS)
+    return index.save(tmp_path_factory.mktemp("rag") / "index")
+
+
+@pytest.fixture(scope="module")
+def rag_index(rag_index_dir):
+    return load_rag_index(str(rag_index_dir))
+
+
+@pytest.fixture(scope="module")
+def served(run_dir, rag_index):
+    demo, loop = build_demo(str(run_dir), rag_index=rag_index)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield SimpleNamespace(url=url, engine=loop.engine)
@@ -85,6 +114,22 @@ def test_main_says_clearly_when_the_model_does_not_exist(tmp_path):
     assert "Traceback" not in message
 
 
+def test_main_says_clearly_when_the_rag_index_does_not_exist(run_dir, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(run_dir), "--rag-index", str(tmp_path / "no-index"), "--no-browser"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: cannot load --rag-index '{tmp_path / 'no-index'}': ")
+    assert "Traceback" not in message
+
+
+def test_ask_the_docs_is_there_only_with_an_index(run_dir):
+    demo, loop = build_demo(str(run_dir))
+    try:
+        assert "ask" not in {fn.api_name for fn in demo.fns.values()}
+    finally:
+        loop.shutdown(timeout=5)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The functions behind the tabs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -110,9 +155,9 @@ def test_attention_map_is_causal_and_each_row_sums_to_one(served):
 # ---------------------------------------------------------------------------------------------------------------------
 # The API, through gradio_client
 # ---------------------------------------------------------------------------------------------------------------------
-def test_api_lists_the_three_endpoints(client):
+def test_api_lists_the_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/chat", "/tokenize", "/attention"} <= set(endpoints)
+    assert {"/chat", "/tokenize", "/attention", "/ask"} <= set(endpoints)
 
 
 def test_chat_api_streams_a_growing_reply(client):
@@ -129,6 +174,41 @@ def test_chat_api_refuses_a_message_longer_than_the_context_window(client):
     params = {**GREEDY, "max_tokens": 64}
     with pytest.raises(AppError, match="budget is 192 tokens"):  # 256 positions - 64 for the reply
         client.predict("word " * 400, None, *params.values(), api_name="/chat")
+
+
+def test_ask_api_streams_the_passages_and_a_grounded_answer(client, rag_index, tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rag.answer import answer
+
+    outputs = list(client.submit(RAG_QUESTION, 3, "bm25", 4, api_name="/ask"))
+    tables, texts = [o[0] for o in outputs], [o[1] for o in outputs]
+    assert tables[-1]["headers"] == PASSAGE_COLUMNS
+    rows = tables[-1]["data"]
+    # The passages that fit the prompt, best first: the top two of the three retrieved (the third did not fit).
+    hits = rag_index.search(RAG_QUESTION, k=3, mode="bm25")
+    assert [(row[0], row[1], row[4]) for row in rows] == [(i, h.doc_id, h.text) for i, h in enumerate(hits[:2], 1)]
+    assert rows[0][1] == "json" and [row[2] for row in rows] == pytest.approx([h.score for h in hits[:2]], abs=1e-4)
+    # The answer is rag.answer's (its own engine, on the same weights), streamed as a growing text.
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    want = answer(RAG_QUESTION, rag_index, model, AutoTokenizer.from_pretrained(tiny_lm_dir), k=3, mode="bm25",
+                  max_new_tokens=4)  # fmt: skip
+    assert texts[0] == "" and texts[-1] == want.text
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False))
+    assert [row[0] for row in rows if row[3] == "✓"] == sorted(c.number for c in want.citations)
+
+
+@pytest.mark.parametrize(
+    ("question", "mode", "message"),
+    [
+        ("  ", "bm25", "the question is empty"),
+        ("why " * 400, "bm25", "without any passage"),
+        ("json", "fuzzy", "'fuzzy'.*not in the list of choices"),
+    ],
+)
+def test_ask_api_refuses_bad_input_with_a_message(client, question, mode, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(question, 3, mode, 4, api_name="/ask")
 
 
 def test_tokenize_api_returns_tokens_that_join_back_into_the_text(client, served):
@@ -200,6 +280,22 @@ def test_browser_chat_streams_a_reply_into_the_chatbot(page):
     assert len(texts) > 1, f"the reply arrived in one piece, not streamed: {texts}"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "gradio_demo.png"), full_page=True)
+
+
+@pytest.mark.slow
+def test_browser_ask_the_docs_shows_the_passages_and_the_answer(page, client):
+    # What the tab's defaults (k=4, hybrid) give with 4 new tokens, through the API: greedy, so the page must agree.
+    table, answer = client.predict(RAG_QUESTION, 4, "hybrid", 4, api_name="/ask")
+    assert answer and table["data"]
+    page.get_by_role("tab", name="Ask the docs").click()
+    page.fill("#rag-max-tokens input[type=number]", "4")  # the tiny tokenizer's prompt leaves little room
+    page.press("#rag-max-tokens input[type=number]", "Enter")
+    page.fill("#rag-question textarea", RAG_QUESTION)
+    page.press("#rag-question textarea", "Enter")
+    page.wait_for_function("(want) => document.querySelector('#rag-answer textarea').value === want", arg=answer)
+    shown = page.locator("#rag-passages").inner_text()
+    assert all(column in shown for column in PASSAGE_COLUMNS)
+    assert all(row[1] in shown and row[4] in shown for row in table["data"])
 
 
 @pytest.mark.slow

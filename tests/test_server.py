@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, live on loopback, driven by the official `openai` client (and raw HTTP for what the
-client cannot send). Answers are checked against `generate()` on the same weights."""
+client cannot send, and for the grounded answers of /v1/rag/answer). Answers are checked against `generate()` on the
+same weights."""
 
 import json
 import os
@@ -19,7 +20,9 @@ import uvicorn
 from conftest import free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app import load_rag_index
 from app.server import build_app
+from rag.answer import grounded_prompt
 from tiny_hf.engine import Engine, EngineLoop
 
 # One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
@@ -31,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class LiveServer:
     """uvicorn in a thread, serving `build_app` for an engine over the tiny model."""
 
-    def __init__(self, model_dir, api_key=None, **engine_kwargs):
+    def __init__(self, model_dir, api_key=None, rag_index=None, **engine_kwargs):
         self.engine = Engine.from_pretrained(str(model_dir), device="cpu", **engine_kwargs)
         self.loop = EngineLoop(self.engine).start()
-        app = build_app(self.loop, model_name="tiny", api_key=api_key, shutdown_timeout=5)
+        app = build_app(self.loop, model_name="tiny", api_key=api_key, shutdown_timeout=5, rag_index=rag_index)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -307,3 +310,101 @@ def test_cli_serves_and_shuts_down_gracefully(tiny_lm_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grounded answers: POST /v1/rag/answer (with --rag-index)
+# ---------------------------------------------------------------------------------------------------------------------
+RAG_DOCS = [
+    {"id": "json", "text": "The json module encodes Python objects as JSON text. json.dumps returns a string, and "
+                           "json.loads parses JSON text back into Python objects."},
+    {"id": "csv", "text": "The csv module reads and writes comma separated values. csv.reader yields the rows of a "
+                          "file as lists of strings."},
+    {"id": "pathlib", "text": "The pathlib module has Path objects for file system paths. Path.read_text returns the "
+                              "contents of a file as a string."},
+    {"id": "re", "text": "The re module matches regular expressions. re.search finds the first match of a pattern."},
+    {"id": "heapq", "text": "The heapq module keeps a list as a priority queue: heappush adds, heappop takes the "
+                            "smallest item."},
+]  # fmt: skip
+RAG_QUESTION = "How does json.loads parse JSON text?"
+
+
+@pytest.fixture(scope="module")
+def rag_index(tiny_lm_dir, tmp_path_factory):
+    """Five short documents, embedded by the tiny model (fast), saved and loaded back as --rag-index does. The
+    chunks are short: the tiny tokenizer spends ~195 of the 256-token window on the instructions and the question."""
+    from rag import Encoder, RagIndex
+
+    index = RagIndex(Encoder(str(tiny_lm_dir)), chunk_size=12, overlap=2)
+    index.add(RAG_DOCS)
+    return load_rag_index(str(index.save(tmp_path_factory.mktemp("rag") / "index")))
+
+
+@pytest.fixture(scope="module")
+def rag_server(tiny_lm_dir, rag_index):
+    live = LiveServer(tiny_lm_dir, rag_index=rag_index, max_batch_size=4, max_seq_len=256)
+    yield live
+    live.close()
+
+
+def ask(live, **body) -> httpx.Response:
+    return httpx.post(live.url + "/v1/rag/answer", json=body, timeout=60)
+
+
+def test_rag_answer_is_generated_from_the_retrieved_passages(rag_server, rag_index, reference):
+    response = ask(rag_server, question=RAG_QUESTION, k=3, mode="bm25", max_tokens=4)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert set(out) == {"answer", "citations", "sources", "dropped", "usage"}
+    sources, hits = out["sources"], rag_index.search(RAG_QUESTION, k=3, mode="bm25")
+    assert len(sources) == 2 and out["dropped"] == 1 and len(hits) == 3  # the third passage did not fit
+    assert sources[0]["doc_id"] == "json"  # the one document that shares the question's words
+    for number, (source, hit) in enumerate(zip(sources, hits, strict=False), start=1):
+        assert source["number"] == number
+        assert (source["doc_id"], source["chunk_index"], source["text"]) == (hit.doc_id, hit.chunk_index, hit.text)
+        assert source["score"] == pytest.approx(hit.score)
+    assert all(c in sources for c in out["citations"])
+    # The same prompt through generate(): greedy, stopping at the end of the turn, as the chat route does.
+    tokenizer = reference.tokenizer
+    ids, _, _ = grounded_prompt(RAG_QUESTION, rag_index, tokenizer, window=256, k=3, mode="bm25", max_new_tokens=4)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert out["answer"] == expected_text(reference, ids, 4, stop_ids=(0, end)).strip()
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    assert 1 <= out["usage"]["completion_tokens"] <= 4
+    assert out["usage"]["total_tokens"] == len(ids) + out["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_rag_answer_retrieves_by_the_mode_asked(rag_server, rag_index, mode):
+    out = ask(rag_server, question=RAG_QUESTION, k=2, mode=mode, max_tokens=4).json()
+    hits = rag_index.search(RAG_QUESTION, k=2, mode=mode)
+    assert [(s["chunk_index"], s["score"]) for s in out["sources"]] == [
+        (h.chunk_index, pytest.approx(h.score)) for h in hits[: len(out["sources"])]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        ({"question": ""}, "the question is empty", None),
+        ({"question": "   "}, "the question is empty", None),
+        ({}, "question: Field required", "question"),
+        ({"question": "json", "k": 0}, "k: Input should be greater than or equal to 1", "k"),
+        ({"question": "json", "mode": "fuzzy"}, "mode: Input should be 'bm25', 'dense' or 'hybrid'", "mode"),
+        ({"question": "json", "max_tokens": 256}, "leaves no room for a prompt in the 256-token window", None),
+        ({"question": "why " * 400, "mode": "bm25"}, "without any passage", "question"),
+    ],
+)
+def test_rag_answer_bad_input_is_400_with_a_message(rag_server, body, message, param):
+    response = ask(rag_server, **body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert message in error["message"]
+    assert error["param"] == param
+    if "without any passage" in message:
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_rag_route_is_absent_without_an_index(server):
+    assert ask(server, question=RAG_QUESTION).status_code == 404

@@ -25,6 +25,7 @@ from tiny_hf.engine import (
     apply_repetition_penalty,
     filter_logits,
     fit_messages,
+    sample,
 )
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -78,6 +79,43 @@ def test_greedy_equals_generate_with_batching_chunks_and_prefix_cache(variant):
         assert result.finish_reason == "length"
     assert engine.stats["cached_prompt_tokens"] > 0  # the shared 16-token block was reused
     assert not engine.has_unfinished() and all(owner is None for owner in engine.slot_owner)
+
+
+def greedy_with_logprobs(engine: Engine, prompts: list[list[int]], n: int):
+    """Greedy outputs and, per request, the log-probabilities (n, V) each of its tokens was chosen from."""
+    logprobs: dict[str, list[torch.Tensor]] = {}
+    accept = engine._accept
+
+    def spy(batch, logits):
+        for request, row in zip(batch, logits, strict=True):
+            logprobs.setdefault(request.request_id, []).append(row.log_softmax(-1))
+        return accept(batch, logits)
+
+    engine._accept = spy
+    results = engine.generate(prompts, SamplingParams(max_tokens=n, **GREEDY))
+    return [r.token_ids for r in results], [torch.stack(logprobs[r.request_id]) for r in results]
+
+
+@pytest.mark.parametrize("variant", ["rope", "alibi", "learned+gqa", "sliding_window", "dynamic_rope"])
+def test_batched_prefill_equals_one_prompt_at_a_time(variant):
+    """All seven prompts (2 to 22 tokens) are admitted in one step and prefilled in one right-padded forward; the
+    tokens and log-probabilities equal those of an engine that prefills and decodes one prompt at a time."""
+    model = sharp_model(**VARIANTS[variant])
+    batched = Engine(model, max_batch_size=8, prefix_cache_tokens=0)
+    shapes, forward = [], batched._forward
+
+    def spy(rows, ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        return forward(rows, ids, *args, **kwargs)
+
+    batched._forward = spy
+    tokens, logprobs = greedy_with_logprobs(batched, PROMPTS, 6)
+    assert shapes[0] == (len(PROMPTS), max(len(p) for p in PROMPTS))  # one padded forward for every prompt
+    alone_tokens, alone_logprobs = greedy_with_logprobs(Engine(model, max_batch_size=1, prefix_cache_tokens=0),
+                                                        PROMPTS, 6)  # fmt: skip
+    assert tokens == alone_tokens
+    for ours, theirs in zip(logprobs, alone_logprobs, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["rope", "alibi", "learned+gqa", "sliding_window"])
@@ -218,6 +256,21 @@ def test_repetition_penalty_equals_transformers():
     seen = torch.zeros(2, 30, dtype=torch.bool).scatter(1, seen_ids, True)
     ours = apply_repetition_penalty(logits, seen, torch.tensor([[1.3], [1.3]]))
     assert torch.allclose(ours, RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone()))
+
+
+def test_inverse_cdf_sampling_follows_the_probabilities_and_each_generator():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3]).expand(20_000, 4)
+    counts = torch.bincount(sample(probs, [None] * len(probs)), minlength=4) / len(probs)
+    torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
+    assert counts[1] == 0  # a filtered token (probability 0) is never drawn
+
+    def draws(seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return torch.stack([sample(probs[: len(seeds)], generators) for _ in range(50)], dim=1)  # (rows, 50)
+
+    three = draws([1, 2, 1])
+    assert torch.equal(three[0], three[2]) and not torch.equal(three[0], three[1])
+    assert torch.equal(draws([1])[0], three[0])  # a row's samples depend on its generator only
 
 
 def test_top_k_1_is_greedy_and_seeded_sampling_ignores_the_batch():

@@ -6,8 +6,9 @@ stopping criteria), and it runs one batch from start to end. This engine is how 
 
 - **KV cache, preallocated** (`SlotKVCache`): one slot of `max_seq_len` keys/values per running sequence, written in
   place, so a decode step costs one token of compute and no allocation.
-- **Prefill then decode**: a prompt is computed in chunks (at most `token_budget` tokens per step), then each step
-  adds one token per running sequence in a single batched forward.
+- **Prefill then decode**: prompts are computed in chunks (at most `token_budget` tokens per step; the prompts of a
+  step share one right-padded forward), then each step adds one token per running sequence in a single batched
+  forward.
 - **Continuous batching**: requests join the running batch as soon as a slot frees up and leave it the step they
   finish; a bounded FIFO queue holds the rest (`QueueFullError` when full).
 - **Prefix caching**: the KV of full 16-token blocks of every prompt is kept (LRU); a later prompt that starts with
@@ -168,9 +169,11 @@ class SlotKVCache:
     """Keys and values of up to `num_slots` sequences, preallocated as (slots, kv_heads, max_len, head_dim) per layer.
 
     The engine `bind`s it before each forward (which rows, where the new tokens go, how many keys to return), and
-    every attention layer then calls `update(k, v, layer_idx)`: the new keys/values are written in place and a view
-    of the row's first `kv_len` entries comes back. `positions` records the position each entry holds (-1: empty),
-    which is what the attention mask is built from, so a ring buffer (sliding window) needs no special case.
+    every attention layer then calls `update(k, v, layer_idx)`: the new keys/values are written in place and the
+    rows' first `kv_len` entries come back (a view when the rows are a slice, as for the decoding rows [0, n); a copy
+    when they are a list of slots, as for the prompts prefilled together). `positions` records the position each entry
+    holds (-1: empty), which is what the attention mask is built from, so a ring buffer (sliding window) needs no
+    special case.
     """
 
     def __init__(self, *, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
@@ -182,18 +185,22 @@ class SlotKVCache:
         self.max_len = max_len
         self._rows, self._batch_index, self._write_index, self._kv_len = slice(0, 0), None, None, 0
 
-    def bind(self, rows: slice, write_index: torch.Tensor, write_positions: torch.Tensor, kv_len: int) -> None:
-        """Prepare a forward over cache rows `rows` whose new tokens go to `write_index` (B, Q)."""
+    def bind(self, rows: slice | torch.Tensor, write_index: torch.Tensor, write_positions: torch.Tensor,
+             kv_len: int) -> None:  # fmt: skip
+        """Prepare a forward over cache rows `rows` (a slice, or slot indices (B,)) whose new tokens go to
+        `write_index` (B, Q)."""
         self._rows, self._write_index, self._kv_len = rows, write_index, kv_len
-        self._batch_index = torch.arange(write_index.shape[0], device=write_index.device)[:, None]  # (B, 1)
-        self.positions[rows][self._batch_index, write_index] = write_positions
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=write_index.device)
+        self._batch_index = rows[:, None]  # (B, 1): the slot of each row
+        self.positions[self._batch_index, write_index] = write_positions
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args) -> tuple[torch.Tensor, ...]:
-        """Write key/value (B, Hkv, Q, D) at the bound places; return (B, Hkv, kv_len, D) views of the rows."""
-        keys, values = self.keys[layer_idx][self._rows], self.values[layer_idx][self._rows]
+        """Write key/value (B, Hkv, Q, D) at the bound places; return the rows' (B, Hkv, kv_len, D) keys and values."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys[self._batch_index, :, self._write_index] = key.transpose(1, 2)  # (B, Q, Hkv, D)
         values[self._batch_index, :, self._write_index] = value.transpose(1, 2)
-        return keys[:, :, : self._kv_len], values[:, :, : self._kv_len]
+        return keys[self._rows, :, : self._kv_len], values[self._rows, :, : self._kv_len]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Move a sequence's first `length` entries from slot `src` to slot `dst`."""
@@ -285,6 +292,18 @@ def filter_logits(
     remove |= probs < min_p[:, None] * probs[:, :1]
     remove[:, 0] = False
     return logits.scatter(-1, order, sorted_logits.masked_fill(remove, -math.inf))
+
+
+def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of probs (B, V), by inverse CDF: the first token whose cumulative probability exceeds
+    u x total, with u ~ U[0, 1) drawn from the row's generator (None: the global one). A seeded request's samples then
+    depend only on its seed and its logits, never on the batch it runs in. One random number per row, where
+    `torch.multinomial` draws one per vocabulary entry: that is what made a batch of seeded requests slow on a CPU.
+    Float64 keeps u x total below the total, so a token of probability 0 is never picked."""
+    u = torch.stack([torch.rand((), dtype=torch.float64, device=probs.device, generator=g) for g in generators])
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]  # (B,)
+    return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -420,7 +439,7 @@ class Engine:
             self._static_forward = torch.compile(self._static_forward, dynamic=False, options=options)
 
         self.waiting: deque[_Request] = deque()
-        self.prefilling: list[_Request] = []  # admitted, prompt not fully computed; slots from the top
+        self.prefilling: list[_Request] = []  # admitted, prompt not fully computed; in arrival order
         self.decoding: list[_Request] = []  # decoding[i].slot == i: the batch is the contiguous rows [0, n)
         self.slot_owner: list[_Request | None] = [None] * max_batch_size
         self.requests: dict[str, _Request] = {}
@@ -538,12 +557,15 @@ class Engine:
             outputs += self._decode()
         budget = self.token_budget - len(self.decoding)
         self._admit()
-        for request in list(self.prefilling):
+        chunks = []  # (request, prompt tokens to compute this step), first come first served
+        for request in self.prefilling:
             if budget <= 0:
                 break
             chunk = min(budget, self.chunk_limit, len(request.prompt_ids) - request.num_computed)
             budget -= chunk
-            outputs += self._prefill(request, chunk)
+            chunks.append((request, chunk))
+        if chunks:
+            outputs += self._prefill(chunks)
         self.stats["steps"] += 1
         self._recent.append((time.perf_counter(), sum(len(o.token_ids) for o in outputs)))
         return outputs
@@ -552,7 +574,9 @@ class Engine:
         """Move waiting requests into free slots (FIFO), reusing cached prefix blocks."""
         while self.waiting and None in self.slot_owner:
             request = self.waiting.popleft()
-            slot = max(i for i, owner in enumerate(self.slot_owner) if owner is None)
+            # The lowest free slot: prompts finish in arrival order, so each usually finishes in the very slot it
+            # moves to as a decoding row (len(self.decoding)), and no keys/values need copying.
+            slot = self.slot_owner.index(None)
             request.slot, self.slot_owner[slot] = slot, request
             self.cache.positions[slot] = -1
             self.seen[slot] = False
@@ -567,14 +591,20 @@ class Engine:
             self.stats["prompt_tokens"] += len(request.prompt_ids)
             self.prefilling.append(request)
 
-    def _forward(self, rows: slice, input_ids: torch.Tensor, positions: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """Run the model on cache rows `rows` for input_ids/positions (B, Q); returns fp32 logits (B, V) of the last
-        position of each row (or (B, Q, V))."""
+    def _forward(self, rows: slice | torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                 last_index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Run the model on cache rows `rows` (a slice or slot indices) for input_ids/positions (B, Q), where position
+        -1 marks a padding query; returns fp32 logits (B, V) of each row's query `last_index` (B,) (default: the last).
+
+        A padding query sees no key, and its key goes to the window's last entry, marked empty: outside the ring no
+        sequence ever uses that entry (a prompt ends before it and decoding stops before it). `_group_chunks` keeps
+        padding away from the ring."""
         cache, model = self.cache, self.model.model
-        write_index = positions % cache.max_len if self.ring else positions
+        write_index = positions % cache.max_len  # the ring wraps; -1 (padding) lands on the last entry
         kv_len = min(int(positions.max()) + 1, cache.max_len)
         cache.bind(rows, write_index, positions, kv_len)
         hidden = model.embed_tokens(input_ids)
+        query_positions, positions = positions, positions.clamp(min=0)  # padding rows embed as position 0
         if self.dynamic_rope and input_ids.shape[0] > 1:
             # Dynamic NTK scales by the longest position of a call: per row, as each sequence alone would get.
             parts = [model.add_positions(hidden[i : i + 1], positions[i : i + 1]) for i in range(hidden.shape[0])]
@@ -582,12 +612,14 @@ class Engine:
             position_embeddings = tuple(torch.cat(t) for t in zip(*(pe for _, pe in parts), strict=True))
         else:
             hidden, position_embeddings = model.add_positions(hidden, positions)
-        bias = self._attention_bias(cache.positions[rows, :kv_len], positions)
+        bias = self._attention_bias(cache.positions[rows, :kv_len], query_positions)
         for layer in model.layers:
             hidden, _ = layer(hidden, attention_bias=bias, position_embeddings=position_embeddings, cache=cache)
-        hidden = model.norm(hidden[:, -1:] if last_only else hidden)
-        logits = self.model.lm_head(hidden).float()
-        return logits[:, -1] if last_only else logits
+        if last_index is None:
+            hidden = hidden[:, -1]  # (B, hidden)
+        else:
+            hidden = hidden[torch.arange(hidden.shape[0], device=self.device), last_index]  # (B, hidden)
+        return self.model.lm_head(model.norm(hidden)).float()  # (B, V)
 
     def _attention_bias(self, key_positions: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor | None:
         """Additive bias (B, 1 or H, Q, K) from the positions the keys hold and the queries' positions: a query sees
@@ -608,17 +640,53 @@ class Engine:
             )
         return bias
 
-    def _prefill(self, request: _Request, chunk: int) -> list[RequestOutput]:
-        start = request.num_computed
-        ids = torch.tensor([request.prompt_ids[start : start + chunk]], device=self.device)
-        positions = torch.arange(start, start + chunk, device=self.device)[None]
-        slot = request.slot
-        logits = self._forward(slice(slot, slot + 1), ids, positions, last_only=True)
-        request.num_computed += chunk
-        if request.num_computed < len(request.prompt_ids):
+    def _prefill(self, chunks: list[tuple[_Request, int]]) -> list[RequestOutput]:
+        """Compute the next `chunk` tokens of each request's prompt, many prompts per forward (right-padded: one
+        forward of B x longest chunk instead of B forwards, whose fixed per-call cost dominates for short prompts),
+        then move the requests whose prompt is complete into the decoding rows and sample their first tokens."""
+        last_logits = {}  # request id -> logits (V,) of its prompt's last token
+        for group in self._group_chunks(chunks):
+            width = max(chunk for _, chunk in group)
+            ids, positions = [], []
+            for request, chunk in group:
+                start, pad = request.num_computed, width - chunk
+                ids.append(request.prompt_ids[start : start + chunk] + [0] * pad)
+                positions.append(list(range(start, start + chunk)) + [-1] * pad)
+            logits = self._forward(
+                torch.tensor([request.slot for request, _ in group], device=self.device),
+                torch.tensor(ids, device=self.device),
+                torch.tensor(positions, device=self.device),
+                last_index=torch.tensor([chunk - 1 for _, chunk in group], device=self.device),
+            )
+            for row, (request, chunk) in enumerate(group):
+                request.num_computed += chunk
+                if request.num_computed == len(request.prompt_ids):
+                    last_logits[request.request_id] = logits[row]
+        done = [request for request, _ in chunks if request.request_id in last_logits]  # in arrival order
+        for request in done:
+            self._remember_prefix(request)
+            self._start_decoding(request)
+        if not done:
             return []
-        self._remember_prefix(request)
-        # The prompt is in the cache: move the request into the decoding rows [0, n).
+        return self._accept(done, torch.stack([last_logits[r.request_id] for r in done]))
+
+    def _group_chunks(self, chunks: list[tuple[_Request, int]]) -> list[list[tuple[_Request, int]]]:
+        """Split a step's prompt chunks into forwards: longest first, a group grows while its padded size (rows x
+        longest chunk) stays within `token_budget`, so padding never costs more than the budget allows. With the
+        ring cache each prompt gets its own forward: a padding key would overwrite a live ring entry."""
+        if self.ring:
+            return [[c] for c in chunks]
+        groups: list[list[tuple[_Request, int]]] = []
+        for request, chunk in sorted(chunks, key=lambda c: -c[1]):
+            if groups and (len(groups[-1]) + 1) * groups[-1][0][1] <= self.token_budget:
+                groups[-1].append((request, chunk))
+            else:
+                groups.append([(request, chunk)])
+        return groups
+
+    def _start_decoding(self, request: _Request) -> None:
+        """The prompt is in the cache: move the request into the decoding rows [0, n)."""
+        slot = request.slot
         self.prefilling.remove(request)
         target = len(self.decoding)
         if slot != target:
@@ -634,7 +702,6 @@ class Engine:
                 self.slot_owner[slot] = None
             request.slot, self.slot_owner[target] = target, request
         self.decoding.append(request)
-        return self._accept([request], logits)
 
     def _remember_prefix(self, request: _Request) -> None:
         if self.prefix_cache is None or self.ring:
@@ -652,7 +719,7 @@ class Engine:
         if self.static_decode:
             logits = self._decode_static(ids, positions)
         else:
-            logits = self._forward(slice(0, len(batch)), ids, positions, last_only=True)
+            logits = self._forward(slice(0, len(batch)), ids, positions)
         for r in batch:
             r.num_computed += 1
         return self._accept(list(batch), logits)
@@ -784,13 +851,7 @@ class Engine:
                     top_p=torch.tensor([x.top_p for x in p], device=self.device),
                     min_p=torch.tensor([x.min_p for x in p], device=self.device),
                 )
-            probs = F.softmax(scaled, dim=-1)
-            shared = [j for j, i in enumerate(sampled) if batch[i].generator is None]
-            if shared:
-                tokens[[sampled[j] for j in shared]] = torch.multinomial(probs[shared], 1)[:, 0]
-            for j, i in enumerate(sampled):
-                if batch[i].generator is not None:  # its own generator: the same samples in any batch
-                    tokens[i] = torch.multinomial(probs[j], 1, generator=batch[i].generator)[0]
+            tokens[sampled] = sample(F.softmax(scaled, dim=-1), [batch[i].generator for i in sampled])
         return tokens.tolist()
 
     def _finish(self, request: _Request, reason: str, last_token: int | None = None) -> RequestOutput:

@@ -288,6 +288,27 @@ def exact_match_reward(completions: list, answer: list[str], **kwargs) -> list[f
     return scores
 
 
+def partial_credit_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """A shaped version of `exact_match_reward` for groups whose answers are all wrong (they carry no signal): 1.0
+    for the exact answer; for a number, 1 - |error| / 10 (0 from ten off), so "41" for 42 beats "8"; for a dotted
+    name, 0.5 when the top-level package is right ("xml.dom" for "xml.sax"). Exact match stays the metric: a shaped
+    reward can be gamed (always answering the middle of the range scores on every sum), which is why it is only ever
+    reported beside exact match."""
+    scores = []
+    for completion, expected in zip(completions, answer, strict=True):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        got = extract_answer(text)
+        if got is None:
+            scores.append(0.0)
+        elif got == expected:
+            scores.append(1.0)
+        elif re.fullmatch(r"-?\d+", expected) and re.fullmatch(r"-?\d+", got):
+            scores.append(max(0.0, 1.0 - abs(int(got) - int(expected)) / 10))
+        else:
+            scores.append(0.5 if got.split(".")[0] == expected.split(".")[0] else 0.0)
+    return scores
+
+
 def _as_turns(value, role: str) -> list[dict]:
     """A TRL field as a list of chat turns: strings (standard format) become one turn of `role`."""
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)

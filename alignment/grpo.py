@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import tiny_hf  # noqa: E402
 from alignment import trl_defaults  # noqa: E402
-from alignment.data import exact_match_reward, verifiable_dataset  # noqa: E402
+from alignment.data import exact_match_reward, partial_credit_reward, preference_dataset, verifiable_dataset  # noqa: E402
 from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
 from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
@@ -57,7 +57,7 @@ def format_reward(completions: list, **kwargs) -> list[float]:
 
 
 # Python rewards by name, all with TRL's reward-function signature (completions, **dataset columns) -> floats.
-REWARD_FUNCS = {"exact_match": exact_match_reward, "format": format_reward}
+REWARD_FUNCS = {"exact_match": exact_match_reward, "partial_credit": partial_credit_reward, "format": format_reward}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     algo.add_argument("--temperature", type=float, default=1.0)
     algo.add_argument("--beta", type=float, default=0.0, help="KL coefficient towards the start model; 0 = none")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="embedded", help="embedded (the module question), or .json/.jsonl with "
-                      "'prompt' and 'answer'")  # fmt: skip
+    data.add_argument("--data", default="embedded", help="embedded (the verifiable questions), docs (the preference "
+                      "task's prompts, for --reward-model), or .json/.jsonl with 'prompt' and 'answer'")  # fmt: skip
     data.add_argument("--max-examples", type=int, default=None, help="train on a fixed subset (quick runs)")
     train = parser.add_argument_group("training")
     train.add_argument("--max-steps", type=int, default=200)
@@ -122,10 +122,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def load_verifiable(spec: str, max_examples: int | None) -> datasets.DatasetDict:
-    """The module question (`embedded`) or a local file of `prompt` + `answer` rows (the column `exact_match` checks);
-    returned with `prompt` and `answer` only."""
+    """The verifiable questions (`embedded`), the docs prompts (`docs`, answer = the true summary) or a local file of
+    `prompt` + `answer` rows (the column `exact_match` checks); returned with `prompt` and `answer` only."""
     if spec == "embedded":
         data = verifiable_dataset(max_examples=max_examples)
+    elif spec == "docs":  # the preference task's prompts; `answer` = the true summary (for a reward model to judge)
+        pairs = preference_dataset(max_examples=max_examples)
+        data = pairs.map(lambda row: {"answer": row["chosen"][-1]["content"]})
     else:
         path = Path(spec)
         if not path.exists():

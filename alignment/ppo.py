@@ -55,7 +55,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402  (registers the Auto classes)
-from alignment.data import exact_match_reward  # noqa: E402
+from alignment.data import exact_match_reward, partial_credit_reward  # noqa: E402
 from alignment.rl import (  # noqa: E402
     KL_ESTIMATORS,
     VALUE_HEAD_FILE,
@@ -80,7 +80,7 @@ from training.pretrain import global_batch_indices, latest_checkpoint, rng_state
 TASKS = ("verifiable", "docs")
 # Reward functions by name, TRL's signature: fn(prompts=..., completions=..., completion_ids=..., **columns) -> floats.
 # `--reward-fn` also takes "package.module:function".
-REWARD_FUNCTIONS: dict[str, Callable] = {"exact_match": exact_match_reward}
+REWARD_FUNCTIONS: dict[str, Callable] = {"exact_match": exact_match_reward, "partial_credit": partial_credit_reward}
 TURN_END = "<|im_end|>"  # where a ChatML assistant turn ends: the stop token when the tokenizer has it
 # Metrics compared between an interrupted and a resumed run: everything but wall-clock seconds.
 TIMING_KEYS = ("rollout_s", "scoring_s", "update_s")
@@ -485,8 +485,9 @@ def main(argv=None) -> dict:
     stop_id = stop_token_id(tokenizer, args.stop_token)
     check_tokenizer(tokenizer, stop_id, f"--model {args.model}")
     rows = load_prompts(args.task, args.max_examples)
-    if args.reward_fn and any("answer" not in r for r in rows) and "exact_match" in args.reward_fn:
-        raise ValueError(f"--reward-fn exact_match needs an 'answer' for every prompt; --task {args.task} lacks it")
+    for name in {"exact_match", "partial_credit"} & set(args.reward_fn):
+        if any("answer" not in r for r in rows):
+            raise ValueError(f"--reward-fn {name} needs an 'answer' for every prompt; --task {args.task} lacks it")
     prompt_ids = [list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)) for r in rows]  # fmt: skip
     reward_model = reward_tokenizer = None

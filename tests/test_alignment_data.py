@@ -11,6 +11,7 @@ from alignment.data import (
     exact_match_reward,
     extract_answer,
     instruction_dataset,
+    partial_credit_reward,
     preference_dataset,
     verifiable_dataset,
 )
@@ -78,6 +79,16 @@ def test_exact_match_reward_scores_strings_and_conversations():
     assert exact_match_reward(completions, ["email.utils", "json", "json", "json", "42"]) == [1, 1, 0, 0, 1]
     with pytest.raises(ValueError):
         exact_match_reward(["json"], ["json", "csv"])  # one answer per completion
+
+
+def test_partial_credit_reward_ranks_near_misses_between_wrong_and_right():
+    completions = ["42", "41", "`32`", "8", "`xml.dom`", "`json`", "", [{"role": "assistant", "content": "xml.sax"}]]
+    answers = ["42", "42", "42", "42", "xml.sax", "xml.sax", "42", "xml.sax"]
+    assert partial_credit_reward(completions, answers) == pytest.approx([1.0, 0.9, 0.0, 0.0, 0.5, 0.0, 0.0, 1.0])
+    # exact answers score as exact_match does; everything else scores less than an exact answer
+    assert [s == 1.0 for s in partial_credit_reward(completions, answers)] == [
+        s == 1.0 for s in exact_match_reward(completions, answers)
+    ]
 
 
 def test_sft_data_mixes_docs_and_the_verifiable_answer_format(small_stdlib):

@@ -106,7 +106,7 @@ def test_greedy_answers_engine_matches_generate(tiny_lm_dir):
         (["--num-generations", "1"], r"--num-generations=1 must be at least 2"),
         (["--beta", "-0.1"], r"--beta=-0.1 must be >= 0"),
         (["--algo", "ppo"], r"--algo='ppo' is not one of \['grpo', 'rloo'\]"),
-        (["--rewards", "bleu"], r"'bleu' is not one of \['exact_match', 'format'\]"),
+        (["--rewards", "bleu"], r"'bleu' is not one of \['exact_match', 'partial_credit', 'format'\]"),
         (["--rewards", ""], r"no reward: give --rewards and/or --reward-model"),
         (["--batch-size", "6"], r"--batch-size=6 must be a multiple of --num-generations=4"),
     ],

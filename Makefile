@@ -12,7 +12,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup chromium demo chat serve test test-fast lint format bench clean
+.PHONY: setup chromium demo chat serve test test-fast lint format bench report clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,11 @@ bench: setup
 	$(PY) bench/serve_speed.py
 	$(PY) bench/attention_cost.py
 	$(PY) bench/rag_bench.py
+
+# report/REPORT.md: every stage's figures and plots in one page, from run folders and bench/results; a stage with no
+# run folder is run at a small budget (<= 30 minutes in all). QUICK=1: a tiny model for a few steps (<= 5 minutes).
+report: setup
+	$(PY) -m training.report_card $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .ruff_cache

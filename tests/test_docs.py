@@ -55,6 +55,7 @@ TINY_RUNS: dict[str, str] = {
     "alignment/dpo.py": "tests/test_dpo.py::test_dpo_trains_summarises_and_exports",
     "alignment/ppo.py": "tests/test_ppo.py::test_toy_reward_rises_with_bounded_kl",
     "alignment/grpo.py": "tests/test_grpo.py::test_grpo_and_rloo_train_with_python_rewards",
+    "alignment/compare.py": "tests/test_alignment_compare.py::test_one_table_for_every_method_on_the_same_prompts",
     "rag/index.py": "tests/test_rag.py::test_index_and_search_cli",
     "rag/search.py": "tests/test_rag.py::test_index_and_search_cli",
     "training/long_context.py": "tests/test_long_context.py::test_script_writes_the_report_for_every_variant",

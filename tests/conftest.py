@@ -119,3 +119,37 @@ def small_stdlib(tmp_path_factory) -> Path:
         if (stdlib / name).exists():
             shutil.copy(stdlib / name, root / name)
     return root
+
+
+# Grounded answers (app/server.py's /v1/rag/answer, app/demo.py's "Ask the docs" tab): five short documents.
+RAG_DOCS = [
+    {"id": "json", "text": "The json module encodes Python objects as JSON text. json.dumps returns a string, and "
+                           "json.loads parses JSON text back into Python objects."},
+    {"id": "csv", "text": "The csv module reads and writes comma separated values. csv.reader yields the rows of a "
+                          "file as lists of strings."},
+    {"id": "pathlib", "text": "The pathlib module has Path objects for file system paths. Path.read_text returns the "
+                              "contents of a file as a string."},
+    {"id": "re", "text": "The re module matches regular expressions. re.search finds the first match of a pattern."},
+    {"id": "heapq", "text": "The heapq module keeps a list as a priority queue: heappush adds, heappop takes the "
+                            "smallest item."},
+]  # fmt: skip
+RAG_QUESTION = "How does json.loads parse JSON text?"
+
+
+@pytest.fixture(scope="session")
+def rag_index_dir(tiny_lm_dir, tmp_path_factory):
+    """RAG_DOCS embedded by the tiny model (fast), in an index folder as `python -m rag.index` writes it. The chunks
+    are short: the tiny tokenizer spends ~195 of the 256-token window on the instructions and the question."""
+    from rag import Encoder, RagIndex
+
+    index = RagIndex(Encoder(str(tiny_lm_dir)), chunk_size=12, overlap=2)
+    index.add(RAG_DOCS)
+    return index.save(tmp_path_factory.mktemp("rag") / "index")
+
+
+@pytest.fixture(scope="module")
+def rag_index(rag_index_dir):
+    """The index loaded back as the scripts' --rag-index does."""
+    from app import load_rag_index
+
+    return load_rag_index(str(rag_index_dir))

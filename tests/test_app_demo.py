@@ -9,11 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("gradio", reason="the demo needs the app extra: pip install -e '.[app]'")
-from conftest import free_port  # noqa: E402
+from conftest import RAG_QUESTION, free_port  # noqa: E402
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from app import load_rag_index  # noqa: E402
 from app.demo import PASSAGE_COLUMNS, attention_map, build_demo, main, resolve_model, token_spans  # noqa: E402
 
 # One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
@@ -34,18 +33,6 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TRICKY_TEXT = "The json module: héllo wörld 🙂\n\n  tabs\tand <|im_end|> special."
 # Greedy, so that a reply is the same on every run; short, so that the file stays fast.
 GREEDY = dict(system_prompt="", temperature=0.0, top_p=1.0, top_k=0, max_tokens=24, repetition_penalty=1.0)
-RAG_DOCS = [
-    {"id": "json", "text": "The json module encodes Python objects as JSON text. json.dumps returns a string, and "
-                           "json.loads parses JSON text back into Python objects."},
-    {"id": "csv", "text": "The csv module reads and writes comma separated values. csv.reader yields the rows of a "
-                          "file as lists of strings."},
-    {"id": "pathlib", "text": "The pathlib module has Path objects for file system paths. Path.read_text returns the "
-                              "contents of a file as a string."},
-    {"id": "re", "text": "The re module matches regular expressions. re.search finds the first match of a pattern."},
-    {"id": "heapq", "text": "The heapq module keeps a list as a priority queue: heappush adds, heappop takes the "
-                            "smallest item."},
-]  # fmt: skip
-RAG_QUESTION = "How does json.loads parse JSON text?"
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +47,6 @@ def run_dir(tiny_lm_dir, tmp_path_factory):
     fig.add_subplot().plot([3.0, 2.0, 1.5])
     fig.savefig(run / "loss_curve.png")
     return run
-
-
-@pytest.fixture(scope="module")
-def rag_index_dir(tiny_lm_dir, tmp_path_factory):
-    """Five short documents embedded by the tiny model (fast), in an index folder as `python -m rag.index` writes
-    it. The chunks are short: the tiny tokenizer spends ~195 of the 256-token window on the instructions."""
-    from rag import Encoder, RagIndex
-
-    index = RagIndex(Encoder(str(tiny_lm_dir)), chunk_size=12, overlap=2)
-    index.add(RAG_DOCS)
-    return index.save(tmp_path_factory.mktemp("rag") / "index")
-
-
-@pytest.fixture(scope="module")
-def rag_index(rag_index_dir):
-    return load_rag_index(str(rag_index_dir))
 
 
 @pytest.fixture(scope="module")

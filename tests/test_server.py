@@ -17,10 +17,9 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import free_port
+from conftest import RAG_QUESTION, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app import load_rag_index
 from app.server import build_app
 from rag.answer import grounded_prompt
 from tiny_hf.engine import Engine, EngineLoop
@@ -315,31 +314,6 @@ def test_cli_serves_and_shuts_down_gracefully(tiny_lm_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Grounded answers: POST /v1/rag/answer (with --rag-index)
 # ---------------------------------------------------------------------------------------------------------------------
-RAG_DOCS = [
-    {"id": "json", "text": "The json module encodes Python objects as JSON text. json.dumps returns a string, and "
-                           "json.loads parses JSON text back into Python objects."},
-    {"id": "csv", "text": "The csv module reads and writes comma separated values. csv.reader yields the rows of a "
-                          "file as lists of strings."},
-    {"id": "pathlib", "text": "The pathlib module has Path objects for file system paths. Path.read_text returns the "
-                              "contents of a file as a string."},
-    {"id": "re", "text": "The re module matches regular expressions. re.search finds the first match of a pattern."},
-    {"id": "heapq", "text": "The heapq module keeps a list as a priority queue: heappush adds, heappop takes the "
-                            "smallest item."},
-]  # fmt: skip
-RAG_QUESTION = "How does json.loads parse JSON text?"
-
-
-@pytest.fixture(scope="module")
-def rag_index(tiny_lm_dir, tmp_path_factory):
-    """Five short documents, embedded by the tiny model (fast), saved and loaded back as --rag-index does. The
-    chunks are short: the tiny tokenizer spends ~195 of the 256-token window on the instructions and the question."""
-    from rag import Encoder, RagIndex
-
-    index = RagIndex(Encoder(str(tiny_lm_dir)), chunk_size=12, overlap=2)
-    index.add(RAG_DOCS)
-    return load_rag_index(str(index.save(tmp_path_factory.mktemp("rag") / "index")))
-
-
 @pytest.fixture(scope="module")
 def rag_server(tiny_lm_dir, rag_index):
     live = LiveServer(tiny_lm_dir, rag_index=rag_index, max_batch_size=4, max_seq_len=256)

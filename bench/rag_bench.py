@@ -39,8 +39,8 @@ from common import RESULTS_DIR, write_results  # noqa: E402
 from rag.bm25 import BM25, top_k  # noqa: E402
 from rag.chunking import chunk_documents  # noqa: E402
 from rag.dense import STORAGE_DTYPES, Encoder, VectorStore  # noqa: E402
-from rag.evaluate import RETRIEVER_NAMES, RETRIEVERS, build_queries, evaluate_index, sample_documents  # noqa: E402
-from rag.index import RagIndex  # noqa: E402
+from rag.evaluate import RETRIEVER_NAMES, RETRIEVERS, build_queries, evaluate_index  # noqa: E402
+from rag.index import RagIndex, sample_documents  # noqa: E402
 from tiny_hf.corpus import build_documents  # noqa: E402
 
 
@@ -220,7 +220,7 @@ def tables(figures: dict) -> str:
         f"## Quality: {q['queries']} held-out queries ({q['query_sources']['docstring']} docstring, "
         f"{q['query_sources']['topic']} topic) over {q['chunks']} chunks of {q['documents']} documents",
         "",
-        "A fixed pseudo-random sample of the embedded corpus (rag.evaluate.sample_documents; embedding chunks with "
+        "A fixed pseudo-random sample of the embedded corpus (rag.index.sample_documents; embedding chunks with "
         f"MiniLM ran at {q['chunks_per_s']:.1f} chunks/s here). One relevant chunk per query; BEIR metrics.",
         "",
         "| retriever | recall@1 | recall@5 | recall@10 | MRR@10 | nDCG@10 | queries/s |",

@@ -396,14 +396,6 @@ def evaluate_index(
     return results
 
 
-def sample_documents(docs: list[dict], max_docs: int | None) -> list[dict]:
-    """A fixed pseudo-random sample of documents (by a hash of the id), returned in id order; None keeps all."""
-    if not max_docs or max_docs >= len(docs):
-        return docs
-    keep = sorted(docs, key=lambda d: _stable_hash(d["id"]))[:max_docs]
-    return sorted(keep, key=lambda d: d["id"])
-
-
 def format_table(results: dict[str, dict], *, ks: Sequence[int] = DEFAULT_KS) -> str:
     """A markdown table of evaluate_index's results."""
     cols = [f"recall@{k}" for k in ks] + ["mrr@10", "ndcg@10"]
@@ -445,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         from tqdm.auto import tqdm
 
-        docs = sample_documents(load_documents(args.data), args.max_docs or None)
+        docs = load_documents(args.data, max_docs=args.max_docs or None)
         index = RagIndex(Encoder(device=args.device), chunk_size=args.chunk_size, overlap=args.overlap)
         index.add(docs, progress=lambda b: tqdm(b, desc="embedding", unit="batch", disable=not sys.stderr.isatty()))
     queries = build_queries(index.chunks, n=args.queries, per_doc=args.per_doc)

@@ -382,6 +382,16 @@ class RagIndex:
 
 
 # ---- CLI ----
+def sample_documents(docs: list[dict], max_docs: int | None) -> list[dict]:
+    """A fixed pseudo-random sample of `max_docs` documents (by a hash of the id), in id order; None or 0 keeps all.
+    The one sample `rag.index --max-docs`, rag.evaluate and bench/rag_bench.py take, so their indexes agree."""
+    if not max_docs or max_docs >= len(docs):
+        return docs
+    ids = [str(d.get("id", i)) for i, d in enumerate(docs)]
+    order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(ids[i].encode()).digest()[:8])[:max_docs]
+    return [docs[i] for i in sorted(order, key=lambda i: ids[i])]
+
+
 def load_documents(data: str, *, max_docs: int | None = None) -> list[dict]:
     """Documents from `--data`: "embedded" (the project corpus: pydoc topics + stdlib docstrings), "topics" (the pydoc
     topics alone: small and fast), a `.jsonl` file (one {"text", "id"?, ...} per line, e.g. data/corpus/train.jsonl),
@@ -404,7 +414,7 @@ def load_documents(data: str, *, max_docs: int | None = None) -> list[dict]:
             docs = [{"id": path.name, "text": path.read_text(encoding="utf-8")}]
         else:
             raise FileNotFoundError(f"--data {data!r} is not 'embedded', 'topics', a file or a folder")
-    return docs[:max_docs] if max_docs else docs
+    return sample_documents(docs, max_docs)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -413,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     io = parser.add_argument_group("input / output")
     io.add_argument("--data", default="embedded", help="'embedded', 'topics', a .jsonl/.txt file or a folder")
     io.add_argument("--out", required=True, help="the index folder to write")
-    io.add_argument("--max-docs", type=int, default=None, help="index only the first N documents")
+    io.add_argument("--max-docs", type=int, default=None, help="index a fixed sample of N documents (rag.evaluate's)")
     io.add_argument("--append", action="store_true", help="add the documents to the index already at --out")
     io.add_argument("--delete", nargs="+", default=None, metavar="ID", help="remove these documents from --out")
     # ---- chunking ----

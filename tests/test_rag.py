@@ -382,21 +382,26 @@ def test_index_and_search_cli(small_docs, tmp_path, capsys):
     from rag import search as search_cli
 
     data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in small_docs))
+    data.write_text("".join(json.dumps(d) + "\n" for d in small_docs[:-1]))
     out = tmp_path / "ix"
-    summary = index_cli.main(["--data", str(data), "--out", str(out), "--chunk-size", "64", "--max-docs", "4"])
-    assert summary["documents"] == 4 and summary["chunks"] > 4 and (out / "index.json").is_file()
+    summary = index_cli.main(["--data", str(data), "--out", str(out), "--chunk-size", "64", "--max-docs", "6"])
+    assert summary["documents"] == 6 and summary["chunks"] > 6 and (out / "index.json").is_file()
+    # --max-docs takes rag.evaluate's fixed pseudo-random sample, not the first N
+    sample = {d["id"] for d in index_cli.sample_documents(small_docs[:-1], 6)}
+    assert {c.doc_id for c in index_cli.RagIndex.load(out).chunks} == sample
+    four = [d["id"] for d in index_cli.sample_documents(small_docs, 4)]
+    assert four == sorted(four) != [d["id"] for d in small_docs[:4]]
     hits = search_cli.main(["--index", str(out), "assert statement", "--mode", "bm25", "-k", "2"])
     assert len(hits) == 2 and hits[0]["doc_id"] == "topic/assert"
     assert "topic/assert" in capsys.readouterr().out
     hits = search_cli.main(["--index", str(out), "conditional execution", "--json", "--where", "kind=statement"])
     assert hits[0]["doc_id"] == "topic/if" and json.loads(capsys.readouterr().out)[0]["doc_id"] == "topic/if"
     summary = index_cli.main(["--out", str(out), "--delete", "topic/if"])
-    assert summary["documents"] == 3 and summary["removed_chunks"] > 0
+    assert summary["documents"] == 5 and summary["removed_chunks"] > 0
     more = tmp_path / "more.jsonl"
     more.write_text(json.dumps(small_docs[-1]) + "\n")
     summary = index_cli.main(["--data", str(more), "--out", str(out), "--append"])
-    assert summary["documents"] == 4 and summary["added_chunks"] > 0
+    assert summary["documents"] == 6 and summary["added_chunks"] > 0
     hits = search_cli.main(["--index", str(out), "return statement", "--mode", "bm25", "-k", "1"])
     assert hits[0]["doc_id"] == small_docs[-1]["id"] == "topic/return"
     with pytest.raises(SystemExit):

@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402, F401  (registers the "tiny" model type)
+from alignment import model_path  # noqa: E402
 from alignment.data import _subset, exact_match_reward, preference_dataset, verifiable_dataset  # noqa: E402
 from alignment.grpo import greedy_answers  # noqa: E402
 from alignment.ppo import build_batch, generate_responses, make_engine, stop_token_id  # noqa: E402
 from alignment.reward import rewards  # noqa: E402
 from alignment.rl import sequence_logprobs  # noqa: E402
-from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
 from rag.answer import load_rouge_l  # noqa: E402
 
@@ -117,7 +117,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def load_policy(run: str):
-    path, _ = resolve_model(run)
+    path = model_path("--policy", run)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -179,7 +179,7 @@ class Judge:
     """The reward model and the independent metric, for answers to the docs prompts."""
 
     def __init__(self, reward_model: str, max_length: int):
-        path, _ = resolve_model(reward_model)
+        path = model_path("--reward-model", reward_model)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.max_length = max_length

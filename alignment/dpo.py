@@ -35,9 +35,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from alignment import trl_defaults  # noqa: E402
+from alignment import model_path, trl_defaults  # noqa: E402
 from alignment.data import load_preference_dataset  # noqa: E402
-from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
 
 # What the trainer logs about the implicit reward (TRL's names), kept for the summary.
@@ -213,10 +212,7 @@ def main(argv=None) -> dict:
     check_args(args)
     from trl import DPOTrainer
 
-    try:
-        path, _ = resolve_model(args.model)
-    except FileNotFoundError as error:
-        raise ValueError(f"--model {args.model}: {error}") from None
+    path = model_path("--model", args.model)
     data = load_preference_dataset(args.data, max_examples=args.max_examples)  # bad rows fail here, before loading
     data = data.map(explicit_prompt)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)

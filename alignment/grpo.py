@@ -38,9 +38,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from alignment import trl_defaults  # noqa: E402
+from alignment import model_path, trl_defaults  # noqa: E402
 from alignment.data import exact_match_reward, partial_credit_reward, preference_dataset, verifiable_dataset  # noqa: E402
-from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
 from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
 
@@ -208,10 +207,7 @@ def main(argv=None) -> dict:
     check_args(args)
     from trl import GRPOTrainer, RLOOTrainer
 
-    try:
-        path, _ = resolve_model(args.model)
-    except FileNotFoundError as error:
-        raise ValueError(f"--model {args.model}: {error}") from None
+    path = model_path("--model", args.model)
     data = load_verifiable(args.data, args.max_examples)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     if tokenizer.chat_template is None:
@@ -226,10 +222,7 @@ def main(argv=None) -> dict:
     eos_token_ids = list(dict.fromkeys(t for t in eos_token_ids if t != tokenizer.unk_token_id))
     reward_funcs, reward_classes = [REWARD_FUNCS[name] for name in args.reward_names], [None] * len(args.reward_names)
     if args.reward_model is not None:
-        try:
-            reward_path, _ = resolve_model(args.reward_model)
-        except FileNotFoundError as error:
-            raise ValueError(f"--reward-model {args.reward_model}: {error}") from None
+        reward_path = model_path("--reward-model", args.reward_model)
         reward_tokenizer = AutoTokenizer.from_pretrained(reward_path, trust_remote_code=args.trust_remote_code)
         if reward_tokenizer.pad_token is None:
             raise ValueError(f"--reward-model {args.reward_model}: the tokenizer has no pad token (batched scoring)")

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402  (registers the Auto classes)
+from alignment import model_path  # noqa: E402
 from alignment.data import exact_match_reward, partial_credit_reward  # noqa: E402
 from alignment.rl import (  # noqa: E402
     KL_ESTIMATORS,
@@ -73,7 +74,6 @@ from alignment.rl import (  # noqa: E402
     value_loss,
     whiten,
 )
-from app import resolve_model  # noqa: E402
 from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
 from training.pretrain import global_batch_indices, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
 
@@ -474,10 +474,7 @@ def main(argv=None) -> dict:
     resume_from = latest_checkpoint(args.out)
     if resume_from is not None and not args.resume:
         raise ValueError(f"{args.out} already has checkpoints ({resume_from.name}): pass --resume, or a new --out")
-    try:
-        path, _ = resolve_model(args.model)
-    except FileNotFoundError as error:
-        raise ValueError(f"--model {args.model}: {error}") from None
+    path = model_path("--model", args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # 1. Tokenizers, data and every check, before the models load.
@@ -494,10 +491,7 @@ def main(argv=None) -> dict:
     if args.reward_model is not None:
         from transformers import AutoModelForSequenceClassification
 
-        try:
-            reward_path, _ = resolve_model(args.reward_model)
-        except FileNotFoundError as error:
-            raise ValueError(f"--reward-model {args.reward_model}: {error}") from None
+        reward_path = model_path("--reward-model", args.reward_model)
         reward_tokenizer = AutoTokenizer.from_pretrained(reward_path, trust_remote_code=args.trust_remote_code)
         if reward_tokenizer.chat_template is None or reward_tokenizer.pad_token_id is None:
             raise ValueError(f"--reward-model {args.reward_model}: its tokenizer needs a chat template and pad token")

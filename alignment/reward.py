@@ -31,9 +31,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from alignment import trl_defaults  # noqa: E402
+from alignment import model_path, trl_defaults  # noqa: E402
 from alignment.data import load_preference_dataset  # noqa: E402
-from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
 
 ACCURACY_GOAL = 0.9
@@ -133,10 +132,7 @@ def main(argv=None) -> dict:
     check_args(args)
     from trl import RewardTrainer
 
-    try:
-        path, _ = resolve_model(args.model)
-    except FileNotFoundError as error:
-        raise ValueError(f"--model {args.model}: {error}") from None
+    path = model_path("--model", args.model)
     data = load_preference_dataset(args.data, max_examples=args.max_examples)  # bad rows fail here, before loading
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     if tokenizer.chat_template is None:

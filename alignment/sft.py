@@ -29,9 +29,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import tiny_hf  # noqa: E402
-from alignment import trl_defaults  # noqa: E402
+from alignment import model_path, trl_defaults  # noqa: E402
 from alignment.data import exact_match_reward, load_chat_dataset  # noqa: E402
-from app import resolve_model  # noqa: E402
 from bench.common import write_results  # noqa: E402
 from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
 
@@ -134,9 +133,9 @@ def main(argv=None) -> dict:
     from trl import SFTTrainer
 
     try:
-        path, _ = resolve_model(args.model)
-    except FileNotFoundError as error:
-        raise SystemExit(f"error: --model {args.model}: {error}") from None
+        path = model_path("--model", args.model)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)

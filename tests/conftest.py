@@ -92,6 +92,22 @@ def tiny_lm_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def stock_llama_dir(tiny_lm_dir, tmp_path):
+    """A random 2-layer transformers LlamaForCausalLM (GQA) with tiny_lm_dir's tokenizer: a stock architecture for
+    the stages that must run on any Hugging Face causal LM."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    path = tmp_path / "llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def tiny_run_dir(tiny_lm_dir, tmp_path):
     """A pretraining run folder without the training (what compression scripts take as --model): `tiny_lm_dir` as
     model/ and a run_config.json whose data is a small local corpus with a 20% validation split."""

@@ -105,16 +105,8 @@ def test_implicit_prompts_are_split_off(tiny_lm_dir, tmp_path):
                              "rejected": [{"role": "user", "content": "b"}]})  # fmt: skip
 
 
-def test_stock_llama_dpo_lora(tiny_lm_dir, prefs, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    llama_dir = tmp_path / "llama"
-    LlamaForCausalLM(config).save_pretrained(llama_dir)
-    tokenizer.save_pretrained(llama_dir)
+def test_stock_llama_dpo_lora(stock_llama_dir, prefs, tmp_path):
+    llama_dir = stock_llama_dir
     out = tmp_path / "dpo"
     figures = run(llama_dir, prefs, out, "--max-steps", "2", "--lora", "--rank", "4", "--lr", "1e-3")
     assert len(figures["log"]) == 2

@@ -122,16 +122,8 @@ def test_format_reward():
     assert grpo.format_reward(completions) == [1.0, 1.0, 0.0, 0.0]
 
 
-def test_stock_llama_grpo_lora(tiny_lm_dir, questions, tmp_path, with_length_reward):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    llama_dir = tmp_path / "llama"
-    LlamaForCausalLM(config).save_pretrained(llama_dir)
-    tokenizer.save_pretrained(llama_dir)
+def test_stock_llama_grpo_lora(stock_llama_dir, questions, tmp_path, with_length_reward):
+    llama_dir = stock_llama_dir
     out = tmp_path / "grpo"
     figures = run(llama_dir, questions, out, "--lora", "--rank", "4", "--rewards", "exact_match,length",
                   "--max-steps", "1", "--beta", "0.04")  # fmt: skip

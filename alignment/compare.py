@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from alignment.grpo import greedy_answers  # noqa: E402
 from alignment.ppo import build_batch, generate_responses, make_engine, stop_token_id  # noqa: E402
 from alignment.reward import rewards  # noqa: E402
 from alignment.rl import sequence_logprobs  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.common import markdown_cell, write_results  # noqa: E402
 from rag.answer import load_rouge_l  # noqa: E402
 
 TASKS = ("docs", "verifiable")
@@ -284,11 +283,6 @@ def plot_trajectories(trajectories: dict[str, list[dict]], start: dict, path: Pa
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
-def _cell(text: str, limit: int = 90) -> str:
-    text = re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
-    return (text[: limit - 1] + "…" if len(text) > limit else text) or "(empty)"
-
-
 def _num(value, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
@@ -329,14 +323,14 @@ def summary_markdown(figures: dict) -> str:
     lines += ["", "Greedy answers to held-out docs prompts:", "", "| question | true summary | "
               + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]  # fmt: skip
     for sample in figures["docs_samples"]:
-        lines.append(f"| {_cell(sample['question'], 50)} | {_cell(sample['reference'], 70)} | "
-                     + " | ".join(_cell(sample[n], 60) for n in names) + " |")  # fmt: skip
+        lines.append(f"| {markdown_cell(sample['question'], 50)} | {markdown_cell(sample['reference'], 70)} | "
+                     + " | ".join(markdown_cell(sample[n], 60) for n in names) + " |")  # fmt: skip
     with_verifiable = [n for n in names if n in figures["verifiable_samples"][0]]
     lines += ["", "Greedy answers to held-out verifiable questions:", "", "| question | answer | "
               + " | ".join(with_verifiable) + " |", "|---" * (len(with_verifiable) + 2) + "|"]  # fmt: skip
     for sample in figures["verifiable_samples"]:
-        lines.append(f"| {_cell(sample['question'], 60)} | {sample['answer']} | "
-                     + " | ".join(_cell(sample[n], 30) for n in with_verifiable) + " |")  # fmt: skip
+        lines.append(f"| {markdown_cell(sample['question'], 60)} | {sample['answer']} | "
+                     + " | ".join(markdown_cell(sample[n], 30) for n in with_verifiable) + " |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import tiny_hf  # noqa: E402
 from alignment import model_path, trl_defaults  # noqa: E402
 from alignment.data import exact_match_reward, partial_credit_reward, preference_dataset, verifiable_dataset  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.common import markdown_cell, write_results  # noqa: E402
 from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
 
 IM_END = "<|im_end|>"
@@ -283,9 +283,6 @@ def main(argv=None) -> dict:
 
 
 def summary_markdown(figures: dict) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")[:120] or "(empty)"
-
     ties = figures["tied_group_share"]
     reward_keys = [f"rewards/{name}/mean" for name in figures["rewards"]]
     lines = [
@@ -313,7 +310,9 @@ def summary_markdown(figures: dict) -> str:
     lines += ["", f"Greedy answers to held-out questions ({figures['held_out_questions']} held out):", "",
               "| question | answer | before | after |", "|---|---|---|---|"]  # fmt: skip
     for s in figures["samples"]:
-        lines.append(f"| {cell(s['question'])} | {cell(s['answer'])} | {cell(s['before'])} | {cell(s['after'])} |")
+        lines.append(
+            "| " + " | ".join(markdown_cell(s[key]) for key in ("question", "answer", "before", "after")) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

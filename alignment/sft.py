@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import tiny_hf  # noqa: E402
 from alignment import model_path, trl_defaults  # noqa: E402
 from alignment.data import exact_match_reward, load_chat_dataset  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.common import markdown_cell, write_results  # noqa: E402
 from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
 
 IM_END = "<|im_end|>"
@@ -197,9 +197,6 @@ def main(argv=None) -> dict:
 
 
 def summary_markdown(figures: dict) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")[:200] or "(empty)"
-
     lines = [
         f"# SFT: {figures['model']} on `{figures['data']}`",
         "",
@@ -230,7 +227,8 @@ def summary_markdown(figures: dict) -> str:
         "|---|---|---|---|",
     ]
     for s in figures["samples"]:
-        lines.append(f"| {cell(s['question'])} | {cell(s['reference'])} | {cell(s['before'])} | {cell(s['after'])} |")
+        cells = [markdown_cell(s[key], 200) for key in ("question", "reference", "before", "after")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

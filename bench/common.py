@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -36,6 +37,13 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
+
+
+def markdown_cell(text: str, limit: int = 120) -> str:
+    """Free text (a generated answer) as one Markdown table cell: whitespace collapsed, pipes escaped, cut to
+    `limit` characters with an ellipsis; "(empty)" for nothing."""
+    text = re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
+    return (text[: limit - 1] + "…" if len(text) > limit else text) or "(empty)"
 
 
 def write_results(name: str, figures: dict, table_md: str, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:

@@ -31,14 +31,14 @@ chromium:
 		echo "chromium is missing: apt-get install chromium (as root) for the browser tests"
 
 demo: setup
-	$(PY) -m training.demo
+	$(VENV)/bin/tiny-hf demo
 
 # After `make demo`: the Gradio app and the OpenAI-compatible server on the demo run (127.0.0.1 only).
 chat: setup
-	$(PY) -m app.demo --model runs/demo
+	$(VENV)/bin/tiny-hf chat --model runs/demo
 
 serve: setup
-	$(PY) -m app.server --model runs/demo
+	$(VENV)/bin/tiny-hf serve --model runs/demo
 
 test: setup
 	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
@@ -46,26 +46,24 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
 
+# ruff, then the import layers (pyproject's [tool.importlinter] contracts): an upward import fails with its line.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
 bench: setup
-	$(PY) bench/tokenizer_bench.py
-	$(PY) bench/model_speed.py
-	$(PY) bench/train_speed.py
-	$(PY) bench/serve_speed.py
-	$(PY) bench/attention_cost.py
-	$(PY) bench/rag_bench.py
+	for name in tokenizer model-speed train-speed serve-speed attention-cost rag; do \
+		$(VENV)/bin/tiny-hf bench $$name || exit 1; done
 
 # report/REPORT.md: every stage's figures and plots in one page, from run folders and bench/results; a stage with no
 # run folder is run at a small budget (<= 30 minutes in all). QUICK=1: a tiny model for a few steps (<= 5 minutes).
 report: setup
-	$(PY) -m training.report_card $(if $(QUICK),--quick)
+	$(VENV)/bin/tiny-hf report $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .ruff_cache

@@ -10,7 +10,7 @@ Every policy (`TASK:NAME=RUN`: what it was trained on, a label, its run or model
 are measured on both held-out sets:
 - docs (alignment.data.preference_dataset's held-out prompts, "What does `json.dumps` do?"): the reward model's
   score of the greedy answer (what PPO/GRPO/RLOO maximised and DPO's data came from), ROUGE-L F1 of that answer
-  against the true docstring summary (rag/metrics/rouge_l.py through `evaluate`: a metric the reward model never
+  against the true docstring summary (tiny_hf/metrics/rouge_l.py through `evaluate`: a metric the reward model never
   saw), and the answer's length in tokens;
 - verifiable (alignment.data.verifiable_dataset's held-out questions): exact match of the greedy answer;
 - KL(policy || SFT) in nats per answer, estimated on one sampled answer per prompt (temperature 1): the sum over
@@ -28,25 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo root on the path
-
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-
-import tiny_hf  # noqa: E402, F401  (registers the "tiny" model type)
-from alignment import model_path  # noqa: E402
-from alignment.data import _subset, exact_match_reward, preference_dataset, verifiable_dataset  # noqa: E402
-from alignment.grpo import greedy_answers  # noqa: E402
-from alignment.ppo import build_batch, generate_responses, make_engine, stop_token_id  # noqa: E402
-from alignment.reward import rewards  # noqa: E402
-from alignment.rl import sequence_logprobs  # noqa: E402
-from bench.common import markdown_cell, write_results  # noqa: E402
-from rag.answer import load_rouge_l  # noqa: E402
+import tiny_hf  # noqa: F401 (registers the "tiny" model type)
+from alignment.data import _subset, exact_match_reward, preference_dataset, verifiable_dataset
+from alignment.grpo import greedy_answers
+from alignment.ppo import build_batch, generate_responses, make_engine, stop_token_id
+from alignment.reward import rewards
+from alignment.rl import sequence_logprobs
+from tiny_hf.metrics import load_rouge_l
+from tiny_hf.results import markdown_cell, write_results
+from tiny_hf.runs import model_path
 
 TASKS = ("docs", "verifiable")
 PLOT_FILE = "alignment_overoptimization.png"
@@ -57,8 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     models = parser.add_argument_group("models")
     models.add_argument("--sft", default="runs/sft", help="the SFT run every method started from")
     models.add_argument("--reward-model", default="runs/reward", help="the reward model (alignment/reward.py)")
-    models.add_argument("--policy", action="append", default=[], metavar="TASK:NAME=RUN",
-                        help=f"a trained policy; TASK ({'/'.join(TASKS)}): what it trained on")  # fmt: skip
+    models.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="TASK:NAME=RUN",
+        help=f"a trained policy; TASK ({'/'.join(TASKS)}): what it trained on",
+    )
     models.add_argument(
         "--trajectory",
         action="append",
@@ -137,8 +138,10 @@ def training_minutes(run: str) -> float | None:
 # Measurements
 # ---------------------------------------------------------------------------------------------------------------------
 def prompt_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
-    return [list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)) for r in rows]  # fmt: skip
+    return [
+        list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False))
+        for r in rows
+    ]
 
 
 @torch.no_grad()
@@ -148,8 +151,16 @@ def sample(model, tokenizer, rows: list[dict], *, max_new_tokens: int, seed: int
     ids = [p for p in prompt_ids(tokenizer, rows) for _ in range(n)]
     seeds = [seed * 1_000_003 + i for i in range(len(ids))]
     engine = make_engine(model, tokenizer, min(len(ids), 64))
-    return generate_responses(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=1.0,
-                              stop_id=stop_id, seeds=seeds, engine=engine)  # fmt: skip
+    return generate_responses(
+        model,
+        tokenizer,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        stop_id=stop_id,
+        seeds=seeds,
+        engine=engine,
+    )
 
 
 @torch.no_grad()
@@ -217,14 +228,21 @@ def evaluate_policy(model, tokenizer, reference, judge: Judge, data: dict, args,
     start = time.perf_counter()
     docs_answers = greedy_answers(model, tokenizer, [r["prompt"] for r in data["docs"]], args.max_new_tokens)
     result = {"docs": docs_metrics(judge, tokenizer, data["docs"], docs_answers), "docs_answers": docs_answers}
-    result["kl_docs"] = kl_to_reference(model, reference, tokenizer, data["docs"][: args.kl_examples],
-                                        max_new_tokens=args.max_new_tokens, seed=args.seed)  # fmt: skip
+    result["kl_docs"] = kl_to_reference(
+        model,
+        reference,
+        tokenizer,
+        data["docs"][: args.kl_examples],
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     if verifiable:
         answers = greedy_answers(model, tokenizer, [r["prompt"] for r in data["verifiable"]], 16)
         result["verifiable"] = verifiable_metrics(answers, data["verifiable"])
         result["verifiable_answers"] = answers
-        result["kl_verifiable"] = kl_to_reference(model, reference, tokenizer, data["verifiable"][: args.kl_examples],
-                                                  max_new_tokens=16, seed=args.seed)  # fmt: skip
+        result["kl_verifiable"] = kl_to_reference(
+            model, reference, tokenizer, data["verifiable"][: args.kl_examples], max_new_tokens=16, seed=args.seed
+        )
     result["eval_seconds"] = time.perf_counter() - start
     return result
 
@@ -254,8 +272,10 @@ def trajectory(name: str, run: str, reference, judge: Judge, data: dict, args) -
         result = evaluate_policy(model, tokenizer, reference, judge, data, args, verifiable=False)
         step = int(checkpoint.name.removeprefix("step-"))
         points.append({"step": step, "kl": result["kl_docs"], **result["docs"]})
-        print(f"{name} step {step}: reward {points[-1]['reward']:.3f} ROUGE-L {points[-1]['rouge_l']:.3f} "
-              f"KL {points[-1]['kl']:.2f}")  # fmt: skip
+        print(
+            f"{name} step {step}: reward {points[-1]['reward']:.3f} ROUGE-L {points[-1]['rouge_l']:.3f} "
+            f"KL {points[-1]['kl']:.2f}"
+        )
     return points
 
 
@@ -264,8 +284,10 @@ def plot_trajectories(trajectories: dict[str, list[dict]], start: dict, path: Pa
 
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "reward", "reward-model score (what PPO maximises)"),
-                           (axes[1], "rouge_l", "ROUGE-L F1 vs the true summary (not seen by the RM)")):  # fmt: skip
+    for ax, key, label in (
+        (axes[0], "reward", "reward-model score (what PPO maximises)"),
+        (axes[1], "rouge_l", "ROUGE-L F1 vs the true summary (not seen by the RM)"),
+    ):
         for name, points in trajectories.items():
             xs = [0.0] + [p["kl"] for p in points]
             ys = [start[key]] + [p[key] for p in points]
@@ -311,26 +333,54 @@ def summary_markdown(figures: dict) -> str:
             f"{em_cell} | {kl} | {row['docs']['length']:.1f} | {_num(row.get('minutes'), '.1f')} |"
         )
     if figures.get("tied_groups"):
-        lines += ["", "Share of GRPO/RLOO prompt groups whose rewards all tie (zero advantage: no signal): "
-                  + ", ".join(f"{k} {v:.0%}" for k, v in figures["tied_groups"].items()) + "."]  # fmt: skip
+        lines += [
+            "",
+            "Share of GRPO/RLOO prompt groups whose rewards all tie (zero advantage: no signal): "
+            + ", ".join(f"{k} {v:.0%}" for k, v in figures["tied_groups"].items())
+            + ".",
+        ]
     if figures.get("trajectories"):
-        lines += ["", f"![over-optimisation]({PLOT_FILE})", "", "| run | step | KL | RM score | ROUGE-L | length |",
-                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            f"![over-optimisation]({PLOT_FILE})",
+            "",
+            "| run | step | KL | RM score | ROUGE-L | length |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, points in figures["trajectories"].items():
-            lines += [f"| {name} | {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} | {p['rouge_l']:.3f} | "
-                      f"{p['length']:.1f} |" for p in points]  # fmt: skip
+            lines += [
+                f"| {name} | {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} | {p['rouge_l']:.3f} | "
+                f"{p['length']:.1f} |"
+                for p in points
+            ]
     names = [row["name"] for row in rows]
-    lines += ["", "Greedy answers to held-out docs prompts:", "", "| question | true summary | "
-              + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]  # fmt: skip
+    lines += [
+        "",
+        "Greedy answers to held-out docs prompts:",
+        "",
+        "| question | true summary | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 2) + "|",
+    ]
     for sample in figures["docs_samples"]:
-        lines.append(f"| {markdown_cell(sample['question'], 50)} | {markdown_cell(sample['reference'], 70)} | "
-                     + " | ".join(markdown_cell(sample[n], 60) for n in names) + " |")  # fmt: skip
+        lines.append(
+            f"| {markdown_cell(sample['question'], 50)} | {markdown_cell(sample['reference'], 70)} | "
+            + " | ".join(markdown_cell(sample[n], 60) for n in names)
+            + " |"
+        )
     with_verifiable = [n for n in names if n in figures["verifiable_samples"][0]]
-    lines += ["", "Greedy answers to held-out verifiable questions:", "", "| question | answer | "
-              + " | ".join(with_verifiable) + " |", "|---" * (len(with_verifiable) + 2) + "|"]  # fmt: skip
+    lines += [
+        "",
+        "Greedy answers to held-out verifiable questions:",
+        "",
+        "| question | answer | " + " | ".join(with_verifiable) + " |",
+        "|---" * (len(with_verifiable) + 2) + "|",
+    ]
     for sample in figures["verifiable_samples"]:
-        lines.append(f"| {markdown_cell(sample['question'], 60)} | {sample['answer']} | "
-                     + " | ".join(markdown_cell(sample[n], 30) for n in with_verifiable) + " |")  # fmt: skip
+        lines.append(
+            f"| {markdown_cell(sample['question'], 60)} | {sample['answer']} | "
+            + " | ".join(markdown_cell(sample[n], 30) for n in with_verifiable)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -366,18 +416,32 @@ def main(argv=None) -> dict:
     trajectories = {name: trajectory(name, run, reference, judge, data, args) for name, run in args.trajectories}
 
     figures = {
-        "sft": args.sft, "reward_model": args.reward_model, "docs_prompts": len(docs),
-        "verifiable_questions": len(verifiable), "kl_prompts": args.kl_examples, "best_of_n": args.best_of_n,
+        "sft": args.sft,
+        "reward_model": args.reward_model,
+        "docs_prompts": len(docs),
+        "verifiable_questions": len(verifiable),
+        "kl_prompts": args.kl_examples,
+        "best_of_n": args.best_of_n,
         "rows": [{k: v for k, v in row.items() if not k.endswith("_answers")} for row in rows],
-        "tied_groups": tied, "trajectories": trajectories,
-        "docs_samples": [{"question": r["prompt"][-1]["content"], "reference": r["chosen"][-1]["content"],
-                          **{row["name"]: row["docs_answers"][i] for row in rows}} for i, r in enumerate(docs[:4])],
+        "tied_groups": tied,
+        "trajectories": trajectories,
+        "docs_samples": [
+            {
+                "question": r["prompt"][-1]["content"],
+                "reference": r["chosen"][-1]["content"],
+                **{row["name"]: row["docs_answers"][i] for row in rows},
+            }
+            for i, r in enumerate(docs[:4])
+        ],
         "verifiable_samples": [
-            {"question": verifiable[i]["prompt"][-1]["content"], "answer": verifiable[i]["answer"],
-             **{row["name"]: row["verifiable_answers"][i] for row in rows if "verifiable_answers" in row}}
+            {
+                "question": verifiable[i]["prompt"][-1]["content"],
+                "answer": verifiable[i]["answer"],
+                **{row["name"]: row["verifiable_answers"][i] for row in rows if "verifiable_answers" in row},
+            }
             for i in range(0, len(verifiable), max(1, len(verifiable) // 6))[:6]  # spread over modules and sums
         ],
-    }  # fmt: skip
+    }
     table = summary_markdown(figures)
     args.out.mkdir(parents=True, exist_ok=True)
     targets = [args.out] + ([args.results] if args.results is not None else [])

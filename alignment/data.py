@@ -112,8 +112,9 @@ def docstring_pairs(stdlib_dir: str | None = None) -> list[dict]:
     return pairs
 
 
-def instruction_dataset(val_fraction: float = 0.05, max_examples: int | None = None,
-                        stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
+def instruction_dataset(
+    val_fraction: float = 0.05, max_examples: int | None = None, stdlib_dir: str | None = None
+) -> datasets.DatasetDict:
     """The docstring Q&A pairs as a DatasetDict(train, test) of chats; test = the modules pretraining held out.
 
     Args:
@@ -126,16 +127,22 @@ def instruction_dataset(val_fraction: float = 0.05, max_examples: int | None = N
     rows = {"train": [], "test": []}
     for pair in pairs:
         split = "test" if _stable_fraction(f"stdlib/{pair['module']}") < val_fraction else "train"
-        rows[split].append({
-            "id": pair["name"],
-            "module": pair["module"],
-            "task": "docs",
-            "messages": [{"role": "user", "content": pair["question"]},
-                         {"role": "assistant", "content": pair["answer"]}],
-        })  # fmt: skip
+        rows[split].append(
+            {
+                "id": pair["name"],
+                "module": pair["module"],
+                "task": "docs",
+                "messages": [
+                    {"role": "user", "content": pair["question"]},
+                    {"role": "assistant", "content": pair["answer"]},
+                ],
+            }
+        )
     if not rows["train"] or not rows["test"]:
-        raise ValueError(f"the instruction data has {len(rows['train'])} train and {len(rows['test'])} held-out "
-                         f"pairs; use more modules or a larger val_fraction")  # fmt: skip
+        raise ValueError(
+            f"the instruction data has {len(rows['train'])} train and {len(rows['test'])} held-out "
+            f"pairs; use more modules or a larger val_fraction"
+        )
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
 
 
@@ -150,8 +157,9 @@ def _load_files_or_hub(spec: str) -> datasets.DatasetDict:
     return datasets.load_dataset("json", data_files=files)
 
 
-def embedded_chat_dataset(val_fraction: float = 0.05, max_examples: int | None = None,
-                          stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
+def embedded_chat_dataset(
+    val_fraction: float = 0.05, max_examples: int | None = None, stdlib_dir: str | None = None
+) -> datasets.DatasetDict:
     """What SFT trains on by default: the docstring Q&A (`task` "docs") and the verifiable module questions (`task`
     "verifiable", answered "`json`"), each with its own held-out split. SFT teaches the verifiable task's answer
     format, so the RL stages start from a model that gets part of it right and can only improve the rest."""
@@ -160,14 +168,26 @@ def embedded_chat_dataset(val_fraction: float = 0.05, max_examples: int | None =
 
     def as_chat(row: dict) -> dict:
         # `module` holds the checked answer here: the defining module, or the sum for an arithmetic question
-        return {"id": row["id"], "module": row["answer"], "task": "verifiable",
-                "messages": row["prompt"] + row["completion"]}  # fmt: skip
+        return {
+            "id": row["id"],
+            "module": row["answer"],
+            "task": "verifiable",
+            "messages": row["prompt"] + row["completion"],
+        }
 
-    return datasets.DatasetDict({
-        split: datasets.concatenate_datasets([docs[split], verifiable[split].map(as_chat, remove_columns=[
-            c for c in verifiable[split].column_names if c != "id"])])
-        for split in ("train", "test")
-    })  # fmt: skip
+    return datasets.DatasetDict(
+        {
+            split: datasets.concatenate_datasets(
+                [
+                    docs[split],
+                    verifiable[split].map(
+                        as_chat, remove_columns=[c for c in verifiable[split].column_names if c != "id"]
+                    ),
+                ]
+            )
+            for split in ("train", "test")
+        }
+    )
 
 
 def load_chat_dataset(spec: str, val_fraction: float = 0.05, max_examples: int | None = None) -> datasets.DatasetDict:
@@ -209,8 +229,9 @@ def _rejected(pair: dict, kind: str, everyone: list[dict]) -> str:
     return other["answer"]
 
 
-def preference_dataset(val_fraction: float = 0.05, max_examples: int | None = None,
-                       stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
+def preference_dataset(
+    val_fraction: float = 0.05, max_examples: int | None = None, stdlib_dir: str | None = None
+) -> datasets.DatasetDict:
     """Preference pairs in TRL's conversational format: `prompt` (the user turn), `chosen` / `rejected` (one
     assistant turn each), plus `kind` (which REJECTION_KINDS made the rejected answer), `id` and `module`.
     Held out: the same modules as the instruction data. Chosen never equals rejected."""
@@ -222,20 +243,27 @@ def preference_dataset(val_fraction: float = 0.05, max_examples: int | None = No
         rejected = _rejected(pair, kind, pairs)
         if rejected == pair["answer"]:
             continue
-        rows[_split_of(pair, val_fraction)].append({
-            "id": pair["name"], "module": pair["module"], "kind": kind,
-            "prompt": [{"role": "user", "content": pair["question"]}],
-            "chosen": [{"role": "assistant", "content": pair["answer"]}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        })  # fmt: skip
+        rows[_split_of(pair, val_fraction)].append(
+            {
+                "id": pair["name"],
+                "module": pair["module"],
+                "kind": kind,
+                "prompt": [{"role": "user", "content": pair["question"]}],
+                "chosen": [{"role": "assistant", "content": pair["answer"]}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     if not rows["train"] or not rows["test"]:
-        raise ValueError(f"the preference data has {len(rows['train'])} train and {len(rows['test'])} held-out "
-                         f"pairs; use more modules or a larger val_fraction")  # fmt: skip
+        raise ValueError(
+            f"the preference data has {len(rows['train'])} train and {len(rows['test'])} held-out "
+            f"pairs; use more modules or a larger val_fraction"
+        )
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
 
 
-def verifiable_dataset(val_fraction: float = 0.1, max_examples: int | None = None,
-                       stdlib_dir: str | None = None) -> datasets.DatasetDict:  # fmt: skip
+def verifiable_dataset(
+    val_fraction: float = 0.1, max_examples: int | None = None, stdlib_dir: str | None = None
+) -> datasets.DatasetDict:
     """Questions whose answer code can check, in TRL's prompt-completion format (`prompt`, `completion`, `answer`
     for `exact_match_reward`, `kind`), split by a hash of the id:
     - "module": "Which module defines `name`?" for public top-level functions and classes whose short name one
@@ -248,25 +276,39 @@ def verifiable_dataset(val_fraction: float = 0.1, max_examples: int | None = Non
     for pair in pairs:
         modules_of.setdefault(pair["name"].rsplit(".", 1)[1], set()).add(pair["module"])
     questions = [
-        (pair["name"], "module", MODULE_QUESTION.format(name=pair["name"].rsplit(".", 1)[1]), pair["module"],
-         f"`{pair['module']}`")
+        (
+            pair["name"],
+            "module",
+            MODULE_QUESTION.format(name=pair["name"].rsplit(".", 1)[1]),
+            pair["module"],
+            f"`{pair['module']}`",
+        )
         for pair in pairs
         if len(modules_of[pair["name"].rsplit(".", 1)[1]]) == 1
-    ]  # fmt: skip
-    questions += [(f"add/{a}+{b}", "arithmetic", ARITHMETIC_QUESTION.format(a=a, b=b), str(a + b), str(a + b))
-                  for a in range(ARITHMETIC_MAX + 1) for b in range(ARITHMETIC_MAX + 1)]  # fmt: skip
+    ]
+    questions += [
+        (f"add/{a}+{b}", "arithmetic", ARITHMETIC_QUESTION.format(a=a, b=b), str(a + b), str(a + b))
+        for a in range(ARITHMETIC_MAX + 1)
+        for b in range(ARITHMETIC_MAX + 1)
+    ]
     questions = _subset(questions, max_examples, key=lambda q: q[0])
     rows = {"train": [], "test": []}
     for id_, kind, question, answer, completion in questions:
         split = "test" if _stable_fraction("verifiable/" + id_) < val_fraction else "train"
-        rows[split].append({
-            "id": id_, "kind": kind, "answer": answer,
-            "prompt": [{"role": "user", "content": question}],
-            "completion": [{"role": "assistant", "content": completion}],
-        })  # fmt: skip
+        rows[split].append(
+            {
+                "id": id_,
+                "kind": kind,
+                "answer": answer,
+                "prompt": [{"role": "user", "content": question}],
+                "completion": [{"role": "assistant", "content": completion}],
+            }
+        )
     if not rows["train"] or not rows["test"]:
-        raise ValueError(f"the verifiable data has {len(rows['train'])} train and {len(rows['test'])} held-out "
-                         f"questions; use more modules or a larger val_fraction")  # fmt: skip
+        raise ValueError(
+            f"the verifiable data has {len(rows['train'])} train and {len(rows['test'])} held-out "
+            f"questions; use more modules or a larger val_fraction"
+        )
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
 
 
@@ -336,8 +378,14 @@ def load_preference_dataset(
             if row["chosen"] == row["rejected"]:
                 raise ValueError(f"--data {spec}: {split} row {i} has chosen == rejected, which teaches nothing")
             prompt = _as_turns(row["prompt"], "user") if row.get("prompt") else []
-            fixed.append({**row, "prompt": prompt, "chosen": _as_turns(row["chosen"], "assistant"),
-                          "rejected": _as_turns(row["rejected"], "assistant")})  # fmt: skip
+            fixed.append(
+                {
+                    **row,
+                    "prompt": prompt,
+                    "chosen": _as_turns(row["chosen"], "assistant"),
+                    "rejected": _as_turns(row["rejected"], "assistant"),
+                }
+            )
         splits[split] = datasets.Dataset.from_list(fixed)
     if "test" not in splits:
         first = splits[next(iter(splits))]

@@ -24,20 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import tiny_hf  # noqa: E402
-from alignment import model_path, trl_defaults  # noqa: E402
-from alignment.data import load_preference_dataset  # noqa: E402
-from bench.common import write_results  # noqa: E402
+import tiny_hf
+from alignment import trl_defaults
+from alignment.data import load_preference_dataset
+from tiny_hf.results import write_results
+from tiny_hf.runs import model_path
 
 # What the trainer logs about the implicit reward (TRL's names), kept for the summary.
 LOGGED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -52,8 +49,23 @@ def loss_types() -> list[str]:
     listed = help_text.split("Possible values are:", 1)[-1].split("If multiple", 1)[0]
     names = re.findall(r"'([a-z_]+)'", listed)
     if not names:  # a TRL version that words it differently: fall back on the 1.16 list
-        names = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                 "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]  # fmt: skip
+        names = [
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "nca_pair",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sft",
+            "sigmoid_norm",
+        ]
     return names
 
 
@@ -171,12 +183,14 @@ def preference_accuracy(policy, reference, tokenizer, rows: list[dict], beta: fl
         k: correct[[i for i, x in enumerate(kinds) if x == k]].float().mean().item() for k in sorted(set(kinds))
     }
     return {
-        "accuracy": correct.float().mean().item(), "by_kind": by_kind,
-        "mean_reward_chosen": reward_c.mean().item(), "mean_reward_rejected": reward_r.mean().item(),
+        "accuracy": correct.float().mean().item(),
+        "by_kind": by_kind,
+        "mean_reward_chosen": reward_c.mean().item(),
+        "mean_reward_rejected": reward_r.mean().item(),
         "mean_margin": (reward_c - reward_r).mean().item(),
         "logp_accuracy_policy": (policy_c > policy_r).float().mean().item(),
         "logp_accuracy_reference": (ref_c > ref_r).float().mean().item(),
-    }  # fmt: skip
+    }
 
 
 def explicit_prompt(row: dict) -> dict:
@@ -185,26 +199,43 @@ def explicit_prompt(row: dict) -> dict:
     if row["prompt"]:
         return row
     shared = 0
-    while (shared < min(len(row["chosen"]), len(row["rejected"])) - 1
-           and row["chosen"][shared] == row["rejected"][shared]):  # fmt: skip
+    while (
+        shared < min(len(row["chosen"]), len(row["rejected"])) - 1 and row["chosen"][shared] == row["rejected"][shared]
+    ):
         shared += 1
     if shared == 0:
-        raise ValueError("a preference row has no prompt and chosen/rejected share no opening turn: "
-                         f"{json.dumps(row['chosen'])[:120]}")  # fmt: skip
-    return {**row, "prompt": row["chosen"][:shared], "chosen": row["chosen"][shared:],
-            "rejected": row["rejected"][shared:]}  # fmt: skip
+        raise ValueError(
+            "a preference row has no prompt and chosen/rejected share no opening turn: "
+            f"{json.dumps(row['chosen'])[:120]}"
+        )
+    return {
+        **row,
+        "prompt": row["chosen"][:shared],
+        "chosen": row["chosen"][shared:],
+        "rejected": row["rejected"][shared:],
+    }
 
 
 def dpo_config(args: argparse.Namespace):
     from trl import DPOConfig
 
     return DPOConfig(
-        output_dir=str(args.out / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_steps, weight_decay=0.0, max_length=args.max_length, loss_type=[args.loss_type],
-        beta=args.beta, label_smoothing=args.label_smoothing, logging_steps=args.logging_steps, seed=args.seed,
+        output_dir=str(args.out / "trainer"),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.0,
+        max_length=args.max_length,
+        loss_type=[args.loss_type],
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
         **trl_defaults(),
-    )  # fmt: skip
+    )
 
 
 def main(argv=None) -> dict:
@@ -229,16 +260,27 @@ def main(argv=None) -> dict:
     if args.lora:
         from peft import LoraConfig, TaskType
 
-        peft_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type=TaskType.CAUSAL_LM,
-                                 target_modules="all-linear")  # fmt: skip
+        peft_config = LoraConfig(
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_dropout=0.0,
+            task_type=TaskType.CAUSAL_LM,
+            target_modules="all-linear",
+        )
     else:
         ref_model = AutoModelForCausalLM.from_pretrained(path, **load).eval()
         ref_model.requires_grad_(False)
     held_out = list(data["test"].select(range(min(args.eval_examples, len(data["test"])))))
 
     start = time.perf_counter()
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=dpo_config(args), train_dataset=data["train"],
-                         processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_config(args),
+        train_dataset=data["train"],
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
     model = trainer.model
     reference = model.disable_adapter if args.lora else ref_model
@@ -253,11 +295,22 @@ def main(argv=None) -> dict:
     tiny_hf.save_model(model, tokenizer, out_model)
     log = [{k: r[k] for k in ("step", *LOGGED) if k in r} for r in trainer.state.log_history if "loss" in r]
     figures = {
-        "model": args.model, "data": args.data, "lora": args.lora, "loss_type": args.loss_type, "beta": args.beta,
-        "train_pairs": len(data["train"]), "held_out_pairs": len(held_out), "max_steps": args.max_steps,
-        "batch_size": args.batch_size, "lr": args.lr, "minutes": round(minutes, 2),
-        "first_log": log[0] if log else None, "last_log": log[-1] if log else None, "log": log, "held_out": after,
-    }  # fmt: skip
+        "model": args.model,
+        "data": args.data,
+        "lora": args.lora,
+        "loss_type": args.loss_type,
+        "beta": args.beta,
+        "train_pairs": len(data["train"]),
+        "held_out_pairs": len(held_out),
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "minutes": round(minutes, 2),
+        "first_log": log[0] if log else None,
+        "last_log": log[-1] if log else None,
+        "log": log,
+        "held_out": after,
+    }
     table = summary_markdown(figures)
     (args.out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
     (args.out / "summary.md").write_text(table)

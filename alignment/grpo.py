@@ -26,22 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import datasets
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-
-import tiny_hf  # noqa: E402
-from alignment import model_path, trl_defaults  # noqa: E402
-from alignment.data import exact_match_reward, partial_credit_reward, preference_dataset, verifiable_dataset  # noqa: E402
-from bench.common import markdown_cell, write_results  # noqa: E402
-from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
+import tiny_hf
+from alignment import trl_defaults
+from alignment.data import exact_match_reward, partial_credit_reward, preference_dataset, verifiable_dataset
+from tiny_hf.engine import Engine, SamplingParams
+from tiny_hf.results import markdown_cell, write_results
+from tiny_hf.runs import model_path
 
 IM_END = "<|im_end|>"
 ALGOS = ("grpo", "rloo")
@@ -77,8 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     algo.add_argument("--temperature", type=float, default=1.0)
     algo.add_argument("--beta", type=float, default=0.0, help="KL coefficient towards the start model; 0 = none")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="embedded", help="embedded (the verifiable questions), docs (the preference "
-                      "task's prompts, for --reward-model), or .json/.jsonl with 'prompt' and 'answer'")  # fmt: skip
+    data.add_argument(
+        "--data",
+        default="embedded",
+        help="embedded (the verifiable questions), docs (the preference "
+        "task's prompts, for --reward-model), or .json/.jsonl with 'prompt' and 'answer'",
+    )
     data.add_argument("--max-examples", type=int, default=None, help="train on a fixed subset (quick runs)")
     train = parser.add_argument_group("training")
     train.add_argument("--max-steps", type=int, default=200)
@@ -106,11 +107,15 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.reward_names and args.reward_model is None:
         raise ValueError("no reward: give --rewards and/or --reward-model")
     if args.num_generations < 2:
-        raise ValueError(f"--num-generations={args.num_generations} must be at least 2: the advantage compares an "
-                         "answer with the others of its group")  # fmt: skip
+        raise ValueError(
+            f"--num-generations={args.num_generations} must be at least 2: the advantage compares an "
+            "answer with the others of its group"
+        )
     if args.batch_size % args.num_generations:
-        raise ValueError(f"--batch-size={args.batch_size} must be a multiple of --num-generations="
-                         f"{args.num_generations} (whole groups per step)")  # fmt: skip
+        raise ValueError(
+            f"--batch-size={args.batch_size} must be a multiple of --num-generations="
+            f"{args.num_generations} (whole groups per step)"
+        )
     if not args.beta >= 0:
         raise ValueError(f"--beta={args.beta} must be >= 0 (a negative KL coefficient rewards drifting away)")
     if not args.temperature > 0 or not args.lr > 0:
@@ -147,8 +152,9 @@ def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     is a TinyForCausalLM, else `model.generate` on a left-padded batch."""
     was_training = model.training
     model.eval()
-    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-           for p in prompts]  # fmt: skip
+    ids = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in prompts
+    ]
     stop = [t for t in (tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id) if t is not None]
     try:
         engine = Engine(model, tokenizer, max_batch_size=max(1, min(len(ids), 64)), window_policy="truncate")
@@ -166,9 +172,14 @@ def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
             input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in batch], device=device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
             with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=stop,
-                                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                out = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     model.train(was_training)
     return [t.split(IM_END)[0].strip() for t in texts]
@@ -192,14 +203,24 @@ def rl_config(args: argparse.Namespace, eos_token_ids: list[int]):
 
     config_class = GRPOConfig if args.algo == "grpo" else RLOOConfig
     return config_class(
-        output_dir=str(args.out / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
-        weight_decay=0.0, num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        temperature=args.temperature, beta=args.beta, logging_steps=args.logging_steps, seed=args.seed,
-        log_completions=False, **trl_defaults(),
+        output_dir=str(args.out / "trainer"),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.0,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        temperature=args.temperature,
+        beta=args.beta,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        log_completions=False,
+        **trl_defaults(),
         generation_kwargs={"eos_token_id": eos_token_ids},  # stop at <|im_end|>, the end of an assistant turn
         model_init_kwargs=model_init_kwargs,
-    )  # fmt: skip
+    )
 
 
 def main(argv=None) -> dict:
@@ -235,17 +256,28 @@ def main(argv=None) -> dict:
     if args.lora:
         from peft import LoraConfig, TaskType
 
-        peft_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type=TaskType.CAUSAL_LM,
-                                 target_modules="all-linear")  # fmt: skip
+        peft_config = LoraConfig(
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_dropout=0.0,
+            task_type=TaskType.CAUSAL_LM,
+            target_modules="all-linear",
+        )
 
     held_out = list(data["test"].select(range(min(args.eval_examples, len(data["test"])))))
     start = time.perf_counter()
     before = exact_match(model, tokenizer, held_out, args.max_completion_length)
     print(f"held-out exact match before {args.algo.upper()}: {before['exact_match']:.1%}")
     trainer_class = GRPOTrainer if args.algo == "grpo" else RLOOTrainer
-    trainer = trainer_class(model=model, reward_funcs=reward_funcs, args=rl_config(args, eos_token_ids),
-                            train_dataset=data["train"], processing_class=tokenizer,
-                            reward_processing_classes=reward_classes, peft_config=peft_config)  # fmt: skip
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=rl_config(args, eos_token_ids),
+        train_dataset=data["train"],
+        processing_class=tokenizer,
+        reward_processing_classes=reward_classes,
+        peft_config=peft_config,
+    )
     trainer.train()
     model = trainer.model
     if args.lora:
@@ -261,18 +293,30 @@ def main(argv=None) -> dict:
     log = [{k: r[k] for k in ("step", *keys) if k in r} for r in trainer.state.log_history if "reward" in r]
     ties = [r["frac_reward_zero_std"] for r in log if "frac_reward_zero_std" in r]
     figures = {
-        "model": args.model, "data": args.data, "algo": args.algo, "lora": args.lora,
-        "rewards": list(trainer.reward_func_names), "beta": args.beta, "num_generations": args.num_generations,
-        "max_completion_length": args.max_completion_length, "train_questions": len(data["train"]),
-        "held_out_questions": len(held_out), "max_steps": args.max_steps, "batch_size": args.batch_size,
-        "lr": args.lr, "minutes": round(minutes, 2),
+        "model": args.model,
+        "data": args.data,
+        "algo": args.algo,
+        "lora": args.lora,
+        "rewards": list(trainer.reward_func_names),
+        "beta": args.beta,
+        "num_generations": args.num_generations,
+        "max_completion_length": args.max_completion_length,
+        "train_questions": len(data["train"]),
+        "held_out_questions": len(held_out),
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "minutes": round(minutes, 2),
         # Share of prompt groups whose rewards all tie (zero std: zero advantage, no gradient), over the logged steps.
         "tied_group_share": sum(ties) / len(ties) if ties else None,
-        "held_out_exact_match_before": before["exact_match"], "held_out_exact_match_after": after["exact_match"],
+        "held_out_exact_match_before": before["exact_match"],
+        "held_out_exact_match_after": after["exact_match"],
         "log": log,
-        "samples": [{"question": r["prompt"][-1]["content"], "answer": r["answer"], "before": b, "after": a}
-                    for r, b, a in zip(held_out[:5], before["answers"], after["answers"], strict=False)],
-    }  # fmt: skip
+        "samples": [
+            {"question": r["prompt"][-1]["content"], "answer": r["answer"], "before": b, "after": a}
+            for r, b, a in zip(held_out[:5], before["answers"], after["answers"], strict=False)
+        ],
+    }
     table = summary_markdown(figures)
     (args.out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
     (args.out / "summary.md").write_text(table)
@@ -307,8 +351,13 @@ def summary_markdown(figures: dict) -> str:
     for r in figures["log"]:
         cells = " | ".join(f"{r.get(k, float('nan')):.3f}" for k in reward_keys)
         lines.append(f"| {r.get('step', '')} | {r['reward']:.3f} | {cells} | {r.get('frac_reward_zero_std', 0):.1%} |")
-    lines += ["", f"Greedy answers to held-out questions ({figures['held_out_questions']} held out):", "",
-              "| question | answer | before | after |", "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"Greedy answers to held-out questions ({figures['held_out_questions']} held out):",
+        "",
+        "| question | answer | before | after |",
+        "|---|---|---|---|",
+    ]
     for s in figures["samples"]:
         lines.append(
             "| " + " | ".join(markdown_cell(s[key]) for key in ("question", "answer", "before", "after")) + " |"

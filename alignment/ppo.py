@@ -40,24 +40,19 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from safetensors.torch import load_file
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import tiny_hf  # noqa: E402  (registers the Auto classes)
-from alignment import model_path  # noqa: E402
-from alignment.data import exact_match_reward, partial_credit_reward  # noqa: E402
-from alignment.rl import (  # noqa: E402
+import tiny_hf  # registers the Auto classes
+from alignment.data import exact_match_reward, partial_credit_reward
+from alignment.rl import (
     KL_ESTIMATORS,
     VALUE_HEAD_FILE,
     AdaptiveKLController,
@@ -74,8 +69,9 @@ from alignment.rl import (  # noqa: E402
     value_loss,
     whiten,
 )
-from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
-from training.pretrain import global_batch_indices, latest_checkpoint, rng_state, set_rng_state  # noqa: E402
+from tiny_hf.engine import Engine, SamplingParams
+from tiny_hf.runs import model_path
+from training.pretrain import global_batch_indices, latest_checkpoint, rng_state, set_rng_state
 
 TASKS = ("verifiable", "docs")
 # Reward functions by name, TRL's signature: fn(prompts=..., completions=..., completion_ids=..., **columns) -> floats.
@@ -96,11 +92,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--trust-remote-code", action="store_true")
     reward = parser.add_argument_group("reward")
     reward.add_argument("--reward-model", default=None, help="a reward run/model folder (alignment/reward.py)")
-    reward.add_argument("--reward-fn", action="append", default=[],
-                        help=f"one of {sorted(REWARD_FUNCTIONS)} or package.module:function; repeatable")  # fmt: skip
+    reward.add_argument(
+        "--reward-fn",
+        action="append",
+        default=[],
+        help=f"one of {sorted(REWARD_FUNCTIONS)} or package.module:function; repeatable",
+    )
     reward.add_argument("--reward-max-length", type=int, default=512, help="tokens the reward model reads")
-    reward.add_argument("--missing-eos-penalty", type=float, default=None,
-                        help="score of a response that never emits the stop token (default: keep it)")  # fmt: skip
+    reward.add_argument(
+        "--missing-eos-penalty",
+        type=float,
+        default=None,
+        help="score of a response that never emits the stop token (default: keep it)",
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--task", default="verifiable", help=f"one of {list(TASKS)} or a local prompt .jsonl")
     data.add_argument("--max-examples", type=int, default=None, help="use a fixed subset of the prompts")
@@ -140,8 +144,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Checks: everything that would otherwise fail (or silently train on nonsense) after minutes, before anything loads.
 # ---------------------------------------------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "max_new_tokens", "max_steps", "ppo_epochs", "minibatch_size", "save_every",
-                 "keep_last", "rank", "reward_max_length"):  # fmt: skip
+    for name in (
+        "batch_size",
+        "max_new_tokens",
+        "max_steps",
+        "ppo_epochs",
+        "minibatch_size",
+        "save_every",
+        "keep_last",
+        "rank",
+        "reward_max_length",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
     if args.minibatch_size > args.batch_size:
@@ -259,15 +272,28 @@ def make_engine(policy, tokenizer, batch_size: int) -> Engine | None:
     return None if lm is None else Engine(lm, tokenizer, max_batch_size=batch_size, prefix_cache_tokens=0)
 
 
-def generate_responses(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                       stop_id: int, seeds: list[int], engine: Engine | None = None) -> list[list[int]]:  # fmt: skip
+def generate_responses(
+    policy,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    stop_id: int,
+    seeds: list[int],
+    engine: Engine | None = None,
+) -> list[list[int]]:
     """Sample one response per prompt (token ids, the stop token included when emitted), through `engine` when given,
     with a seed per request, so a response does not depend on the batch it ran in. Without an engine (models it
     cannot run, e.g. a stock transformers LM), `generate()` with left padding and a forked RNG seeded by `seeds[0]`."""
     if engine is not None:
         # Only the stop token ends a response (ignore_eos): truncate_response cuts at that one id.
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, stop_token_ids=[stop_id],
-                                 ignore_eos=True, seed=s) for s in seeds]  # fmt: skip
+        params = [
+            SamplingParams(
+                max_tokens=max_new_tokens, temperature=temperature, stop_token_ids=[stop_id], ignore_eos=True, seed=s
+            )
+            for s in seeds
+        ]
         return [c.token_ids for c in engine.generate(prompt_ids, params)]
     device = next(policy.parameters()).device
     width = max(len(p) for p in prompt_ids)
@@ -277,9 +303,16 @@ def generate_responses(policy, tokenizer, prompt_ids: list[list[int]], *, max_ne
         ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seeds[0])
-        out = policy.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                              temperature=temperature, top_k=0, max_new_tokens=max_new_tokens,
-                              eos_token_id=stop_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = policy.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     responses = []
     for row in out[:, width:].tolist():
         cut = row.index(stop_id) + 1 if stop_id in row else len(row)
@@ -329,8 +362,16 @@ def reward_model_scores(model, tokenizer, conversations: list[list[dict]], max_l
     return rewards(model, tokenizer, conversations, max_length)
 
 
-def score(rows: list[dict], texts: list[str], responses: list[list[int]], *, reward_fns: list[Callable],
-          reward_model=None, reward_tokenizer=None, reward_max_length: int = 512) -> torch.Tensor:  # fmt: skip
+def score(
+    rows: list[dict],
+    texts: list[str],
+    responses: list[list[int]],
+    *,
+    reward_fns: list[Callable],
+    reward_model=None,
+    reward_tokenizer=None,
+    reward_max_length: int = 512,
+) -> torch.Tensor:
     """The summed score (B,) of each response: reward model on the chat-formatted text, plus each reward function."""
     prompts = [r["prompt"] for r in rows]
     completions = [[{"role": "assistant", "content": t}] for t in texts]
@@ -343,8 +384,10 @@ def score(rows: list[dict], texts: list[str], responses: list[list[int]], *, rew
         values = fn(prompts=prompts, completions=completions, completion_ids=responses, **columns)
         values = torch.tensor([math.nan if v is None else float(v) for v in values])
         if values.shape != total.shape or not torch.isfinite(values).all():
-            raise ValueError(f"reward function {getattr(fn, '__name__', fn)} returned {values.tolist()}: "
-                             f"expected {len(rows)} finite numbers")  # fmt: skip
+            raise ValueError(
+                f"reward function {getattr(fn, '__name__', fn)} returned {values.tolist()}: "
+                f"expected {len(rows)} finite numbers"
+            )
         total += values
     return total
 
@@ -444,20 +487,29 @@ def ppo_update(model, optimizer, tensors: dict, args: argparse.Namespace, step: 
         for start in range(0, batch_size, args.minibatch_size):
             idx = order[start : start + args.minibatch_size]
             mb = {k: v[idx] for k, v in tensors.items()}
-            out = policy_forward(model, mb["input_ids"], mb["attention_mask"], mb["response_mask"],
-                                 temperature=args.temperature)  # fmt: skip
-            pg_loss, pg_stats = policy_loss(out.logprobs, mb["logprobs"], mb["advantages"], mb["response_mask"],
-                                            args.clip_range)  # fmt: skip
-            vf_loss, vf_stats = value_loss(out.values, mb["values"], mb["returns"], mb["response_mask"],
-                                           args.clip_range_value)  # fmt: skip
+            out = policy_forward(
+                model, mb["input_ids"], mb["attention_mask"], mb["response_mask"], temperature=args.temperature
+            )
+            pg_loss, pg_stats = policy_loss(
+                out.logprobs, mb["logprobs"], mb["advantages"], mb["response_mask"], args.clip_range
+            )
+            vf_loss, vf_stats = value_loss(
+                out.values, mb["values"], mb["returns"], mb["response_mask"], args.clip_range_value
+            )
             loss = pg_loss + args.vf_coef * vf_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
-            stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "clipfrac": pg_stats["clipfrac"],
-                     "approx_kl": pg_stats["approx_kl"], "ratio": pg_stats["ratio"],
-                     "vf_clipfrac": vf_stats["vf_clipfrac"], "grad_norm": grad_norm}  # fmt: skip
+            stats = {
+                "policy_loss": pg_loss,
+                "value_loss": vf_loss,
+                "clipfrac": pg_stats["clipfrac"],
+                "approx_kl": pg_stats["approx_kl"],
+                "ratio": pg_stats["ratio"],
+                "vf_clipfrac": vf_stats["vf_clipfrac"],
+                "grad_norm": grad_norm,
+            }
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             count += 1
@@ -485,8 +537,10 @@ def main(argv=None) -> dict:
     for name in {"exact_match", "partial_credit"} & set(args.reward_fn):
         if any("answer" not in r for r in rows):
             raise ValueError(f"--reward-fn {name} needs an 'answer' for every prompt; --task {args.task} lacks it")
-    prompt_ids = [list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)) for r in rows]  # fmt: skip
+    prompt_ids = [
+        list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False))
+        for r in rows
+    ]
     reward_model = reward_tokenizer = None
     if args.reward_model is not None:
         from transformers import AutoModelForSequenceClassification
@@ -495,17 +549,24 @@ def main(argv=None) -> dict:
         reward_tokenizer = AutoTokenizer.from_pretrained(reward_path, trust_remote_code=args.trust_remote_code)
         if reward_tokenizer.chat_template is None or reward_tokenizer.pad_token_id is None:
             raise ValueError(f"--reward-model {args.reward_model}: its tokenizer needs a chat template and pad token")
-        reward_model = AutoModelForSequenceClassification.from_pretrained(
-            reward_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code
-        ).to(device).eval().requires_grad_(False)  # fmt: skip
+        reward_model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                reward_path, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+            )
+            .to(device)
+            .eval()
+            .requires_grad_(False)
+        )
 
     # 2. Policy (+ value head), reference, optimizer; a checkpoint's state when resuming.
     model, reference = build_policy(path, args, device)
     max_positions = model.config.max_position_embeddings
     fits = [i for i, p in enumerate(prompt_ids) if len(p) + args.max_new_tokens <= max_positions]
     if not fits:
-        raise ValueError(f"no prompt leaves room for --max-new-tokens={args.max_new_tokens} in the model's "
-                         f"{max_positions}-token window")  # fmt: skip
+        raise ValueError(
+            f"no prompt leaves room for --max-new-tokens={args.max_new_tokens} in the model's "
+            f"{max_positions}-token window"
+        )
     if len(fits) < len(rows):
         print(f"dropping {len(rows) - len(fits)} prompts too long for {max_positions} positions")
         rows, prompt_ids = [rows[i] for i in fits], [prompt_ids[i] for i in fits]
@@ -533,8 +594,10 @@ def main(argv=None) -> dict:
     writer = SummaryWriter(args.out / "tb")
     metrics_file = open(metrics_path, "a")  # noqa: SIM115
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"PPO: {len(rows)} prompts, {trainable / 1e6:.2f}M trainable parameters, "
-          f"{'LoRA' if args.lora else 'full'} policy on {device}, stop token id {stop_id}")  # fmt: skip
+    print(
+        f"PPO: {len(rows)} prompts, {trainable / 1e6:.2f}M trainable parameters, "
+        f"{'LoRA' if args.lora else 'full'} policy on {device}, stop token id {stop_id}"
+    )
     engine = make_engine(model.policy, tokenizer, args.batch_size)
     if engine is None:
         print(f"the engine cannot run {type(model.policy).__name__}: rollouts use generate()")
@@ -547,33 +610,55 @@ def main(argv=None) -> dict:
         batch_rows = [rows[i] for i in indices]
         batch_prompts = [prompt_ids[i] for i in indices]
         seeds = [request_seed(args.seed, step, j) for j in range(len(indices))]
-        responses = generate_responses(model.policy, tokenizer, batch_prompts, max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, stop_id=stop_id, seeds=seeds,
-                                       engine=engine)  # fmt: skip
+        responses = generate_responses(
+            model.policy,
+            tokenizer,
+            batch_prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            stop_id=stop_id,
+            seeds=seeds,
+            engine=engine,
+        )
         input_ids, attention_mask, response_mask, ended = build_batch(
             batch_prompts, responses, stop_id, tokenizer.pad_token_id
         )
         input_ids, attention_mask, response_mask = (t.to(device) for t in (input_ids, attention_mask, response_mask))
-        old, ref_logprobs = rollout_statistics(model, reference, (input_ids, attention_mask, response_mask),
-                                               temperature=args.temperature, lora=args.lora)  # fmt: skip
+        old, ref_logprobs = rollout_statistics(
+            model, reference, (input_ids, attention_mask, response_mask), temperature=args.temperature, lora=args.lora
+        )
         t1 = time.perf_counter()
 
         # Score, then the KL-penalised per-token rewards and the advantages.
         texts = response_texts(tokenizer, responses, stop_id)
-        scores = score(batch_rows, texts, responses, reward_fns=reward_fns, reward_model=reward_model,
-                       reward_tokenizer=reward_tokenizer, reward_max_length=args.reward_max_length)  # fmt: skip
+        scores = score(
+            batch_rows,
+            texts,
+            responses,
+            reward_fns=reward_fns,
+            reward_model=reward_model,
+            reward_tokenizer=reward_tokenizer,
+            reward_max_length=args.reward_max_length,
+        )
         if args.missing_eos_penalty is not None:
             scores = eos_penalty(scores, ended, args.missing_eos_penalty)
         scores = scores.to(device)
         t2 = time.perf_counter()
         with torch.no_grad():
-            rewards, kl = kl_penalized_rewards(scores, old.logprobs, ref_logprobs, response_mask,
-                                               kl_controller.value, args.kl_estimator)  # fmt: skip
+            rewards, kl = kl_penalized_rewards(
+                scores, old.logprobs, ref_logprobs, response_mask, kl_controller.value, args.kl_estimator
+            )
             advantages, returns = gae(rewards, old.values, response_mask, args.gamma, args.lam)
             advantages = whiten(advantages, response_mask)
-        tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-                   "logprobs": old.logprobs, "values": old.values, "advantages": advantages,
-                   "returns": returns}  # fmt: skip
+        tensors = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "response_mask": response_mask,
+            "logprobs": old.logprobs,
+            "values": old.values,
+            "advantages": advantages,
+            "returns": returns,
+        }
         update = ppo_update(model, optimizer, tensors, args, step)
         t3 = time.perf_counter()
 
@@ -602,8 +687,9 @@ def main(argv=None) -> dict:
         if step == start_step:
             writer.add_text("sample", f"{texts[0]!r} (score {scores[0].item():.3f})", step + 1)
         progress.update()
-        progress.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}",
-                             len=f"{record['response_length']:.1f}")  # fmt: skip
+        progress.set_postfix(
+            score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['response_length']:.1f}"
+        )
         done = step + 1
         if done % args.save_every == 0 or done == args.max_steps:
             save_checkpoint(args, done, model, tokenizer, optimizer, {"kl_coef": kl_controller.value})
@@ -615,15 +701,22 @@ def main(argv=None) -> dict:
     export_policy(model, tokenizer, args.out / "model", args.lora)
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     summary = {
-        "model": args.model, "task": args.task, "reward_model": args.reward_model, "reward_fn": args.reward_fn,
-        "lora": args.lora, "steps": args.max_steps, "batch_size": args.batch_size,
+        "model": args.model,
+        "task": args.task,
+        "reward_model": args.reward_model,
+        "reward_fn": args.reward_fn,
+        "lora": args.lora,
+        "steps": args.max_steps,
+        "batch_size": args.batch_size,
         "first_score": records[0]["score"] if records else None,
         "last_score": records[-1]["score"] if records else None,
         "first_reward": records[0]["reward"] if records else None,
         "last_reward": records[-1]["reward"] if records else None,
-        "first_kl": records[0]["kl"] if records else None, "last_kl": records[-1]["kl"] if records else None,
-        "last_kl_coef": kl_controller.value, "model_dir": str(args.out / "model"),
-    }  # fmt: skip
+        "first_kl": records[0]["kl"] if records else None,
+        "last_kl": records[-1]["kl"] if records else None,
+        "last_kl_coef": kl_controller.value,
+        "model_dir": str(args.out / "model"),
+    }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

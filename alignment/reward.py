@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
-
-import tiny_hf  # noqa: E402
-from alignment import model_path, trl_defaults  # noqa: E402
-from alignment.data import load_preference_dataset  # noqa: E402
-from bench.common import write_results  # noqa: E402
+import tiny_hf
+from alignment import trl_defaults
+from alignment.data import load_preference_dataset
+from tiny_hf.results import write_results
+from tiny_hf.runs import model_path
 
 ACCURACY_GOAL = 0.9
 
@@ -78,8 +75,10 @@ def rewards(model, tokenizer, conversations: list[list[dict]], max_length: int, 
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(conversations), batch_size):
-        ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)[:max_length]
-               for c in conversations[start : start + batch_size]]  # fmt: skip
+        ids = [
+            tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)[:max_length]
+            for c in conversations[start : start + batch_size]
+        ]
         batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)  # right-padded, with a mask
         scores.append(model(**batch).logits[:, 0].float().cpu())
     model.train(was_training)
@@ -96,8 +95,13 @@ def pairwise_accuracy(model, tokenizer, rows, max_length: int) -> dict:
     by_kind = {
         k: correct[[i for i, x in enumerate(kinds) if x == k]].float().mean().item() for k in sorted(set(kinds))
     }
-    return {"accuracy": correct.float().mean().item(), "by_kind": by_kind, "margins": margins.tolist(),
-            "mean_chosen": chosen.mean().item(), "mean_rejected": rejected.mean().item()}  # fmt: skip
+    return {
+        "accuracy": correct.float().mean().item(),
+        "by_kind": by_kind,
+        "margins": margins.tolist(),
+        "mean_chosen": chosen.mean().item(),
+        "mean_rejected": rejected.mean().item(),
+    }
 
 
 def plot_margins(before: list[float], after: list[float], path: Path) -> Path:
@@ -120,11 +124,19 @@ def reward_config(args: argparse.Namespace):
     from trl import RewardConfig
 
     return RewardConfig(
-        output_dir=str(args.out / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, weight_decay=0.0,
-        max_length=args.max_length, center_rewards_coefficient=args.center_rewards or None, logging_steps=10,
-        seed=args.seed, **trl_defaults(),
-    )  # fmt: skip
+        output_dir=str(args.out / "trainer"),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.0,
+        max_length=args.max_length,
+        center_rewards_coefficient=args.center_rewards or None,
+        logging_steps=10,
+        seed=args.seed,
+        **trl_defaults(),
+    )
 
 
 def main(argv=None) -> dict:
@@ -141,17 +153,32 @@ def main(argv=None) -> dict:
         raise ValueError(f"--model {args.model}: the tokenizer has no pad token, which batching rewards needs")
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=torch.float32,
+        path,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=torch.float32,
         trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
+    )
     peft_config = None
     if args.lora:
         from peft import LoraConfig, TaskType
 
-        peft_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type=TaskType.SEQ_CLS,
-                                 target_modules="all-linear", modules_to_save=["score"])  # fmt: skip
-    fits = [max(len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=False))
-                for side in ("chosen", "rejected")) <= args.max_length for row in data["train"]]  # fmt: skip
+        peft_config = LoraConfig(
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_dropout=0.0,
+            task_type=TaskType.SEQ_CLS,
+            target_modules="all-linear",
+            modules_to_save=["score"],
+        )
+    fits = [
+        max(
+            len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=False))
+            for side in ("chosen", "rejected")
+        )
+        <= args.max_length
+        for row in data["train"]
+    ]
     if not any(fits):
         raise ValueError(f"every training pair is longer than --max-length={args.max_length} tokens: raise it")
     print(
@@ -161,8 +188,13 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     before = pairwise_accuracy(model, tokenizer, held_out, args.max_length)
     print(f"held-out pairwise accuracy before training: {before['accuracy']:.1%}")
-    trainer = RewardTrainer(model=model, args=reward_config(args), train_dataset=data["train"],
-                            processing_class=tokenizer, peft_config=peft_config)  # fmt: skip
+    trainer = RewardTrainer(
+        model=model,
+        args=reward_config(args),
+        train_dataset=data["train"],
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
     model = trainer.model
     if args.lora:
@@ -177,14 +209,22 @@ def main(argv=None) -> dict:
     plot_margins(before["margins"], after["margins"], args.out / "margins.png")
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     figures = {
-        "model": args.model, "data": args.data, "lora": args.lora, "train_pairs": len(data["train"]),
-        "held_out_pairs": len(held_out), "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr,
-        "minutes": round(minutes, 2), "first_train_loss": losses[0] if losses else None,
-        "last_train_loss": losses[-1] if losses else None, "goal": ACCURACY_GOAL,
+        "model": args.model,
+        "data": args.data,
+        "lora": args.lora,
+        "train_pairs": len(data["train"]),
+        "held_out_pairs": len(held_out),
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "minutes": round(minutes, 2),
+        "first_train_loss": losses[0] if losses else None,
+        "last_train_loss": losses[-1] if losses else None,
+        "goal": ACCURACY_GOAL,
         "before": {k: v for k, v in before.items() if k != "margins"},
         "after": {k: v for k, v in after.items() if k != "margins"},
         "median_margin_after": float(torch.tensor(after["margins"]).median()),
-    }  # fmt: skip
+    }
     table = summary_markdown(figures)
     (args.out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
     (args.out / "summary.md").write_text(table)
@@ -212,8 +252,11 @@ def summary_markdown(figures: dict) -> str:
     for name, m in (("before training", before), ("after training", after)):
         cells = " | ".join(f"{m['by_kind'].get(k, float('nan')):.1%}" for k in kinds)
         lines.append(f"| {name} | {m['accuracy']:.1%} | {cells} | {m['mean_chosen']:.2f} | {m['mean_rejected']:.2f} |")
-    lines += ["", f"Goal: held-out accuracy >= {figures['goal']:.0%}: {met}. Median margin after training: "
-              f"{figures['median_margin_after']:.2f}. Margins: `margins.png`."]  # fmt: skip
+    lines += [
+        "",
+        f"Goal: held-out accuracy >= {figures['goal']:.0%}: {met}. Median margin after training: "
+        f"{figures['median_margin_after']:.2f}. Margins: `margins.png`.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import tiny_hf  # noqa: E402
-from alignment import model_path, trl_defaults  # noqa: E402
-from alignment.data import exact_match_reward, load_chat_dataset  # noqa: E402
-from bench.common import markdown_cell, write_results  # noqa: E402
-from tiny_hf.engine import Engine, SamplingParams  # noqa: E402
+import tiny_hf
+from alignment import trl_defaults
+from alignment.data import exact_match_reward, load_chat_dataset
+from tiny_hf.engine import Engine, SamplingParams
+from tiny_hf.results import markdown_cell, write_results
+from tiny_hf.runs import model_path
 
 IM_END = "<|im_end|>"
 
@@ -74,8 +71,9 @@ def assistant_loss(model, tokenizer, conversations: list[list[dict]], batch_size
     for start in range(0, len(conversations), batch_size):
         rows = []
         for messages in conversations[start : start + batch_size]:
-            enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)  # fmt: skip
+            enc = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
             rows.append((enc["input_ids"], enc["assistant_masks"]))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -87,8 +85,9 @@ def assistant_loss(model, tokenizer, conversations: list[list[dict]], batch_size
             labels[i, : len(row)] = torch.where(torch.tensor(assistant, dtype=torch.bool), torch.tensor(row), -100)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         targets = labels[:, 1:].to(device)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                                 reduction="sum")  # fmt: skip
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+        )
         nats += loss.item()
         count += int((targets != -100).sum())
     model.train(was_training)
@@ -97,11 +96,18 @@ def assistant_loss(model, tokenizer, conversations: list[list[dict]], batch_size
 
 def answer(model, tokenizer, questions: list[list[dict]], max_new_tokens: int) -> list[str]:
     """Greedy answers to chat prompts (the conversation without its last assistant turn), through the engine."""
-    engine = Engine(model, tokenizer, max_batch_size=max(1, min(32, len(questions))), max_queue=max(1, len(questions)),
-                    window_policy="truncate")  # fmt: skip
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=max(1, min(32, len(questions))),
+        max_queue=max(1, len(questions)),
+        window_policy="truncate",
+    )
     end = tokenizer.convert_tokens_to_ids(IM_END)
-    prompts = [tokenizer.apply_chat_template(q, add_generation_prompt=True, tokenize=True, return_dict=False)
-               for q in questions]  # fmt: skip
+    prompts = [
+        tokenizer.apply_chat_template(q, add_generation_prompt=True, tokenize=True, return_dict=False)
+        for q in questions
+    ]
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0, stop_token_ids=[end])
     return [done.text.strip() for done in engine.generate(prompts, params)]
 
@@ -140,8 +146,10 @@ def main(argv=None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     if tokenizer.chat_template is None or "generation" not in tokenizer.chat_template:
-        raise SystemExit("error: the tokenizer's chat template has no {% generation %} markers, which "
-                         "assistant-only loss needs (TinyTokenizerFast's template has them)")  # fmt: skip
+        raise SystemExit(
+            "error: the tokenizer's chat template has no {% generation %} markers, which "
+            "assistant-only loss needs (TinyTokenizerFast's template has them)"
+        )
     max_length = min(args.max_length, model.config.max_position_embeddings)
     data = load_chat_dataset(args.data, max_examples=args.max_examples)
     test = list(data["test"])
@@ -159,15 +167,22 @@ def main(argv=None) -> dict:
     references = [m[-1]["content"] for m in held_out[: args.samples]]
 
     start = time.perf_counter()
-    before = {"loss": assistant_loss(model, tokenizer, held_out), "exact_match": exact_match(model),
-              "answers": answer(model, tokenizer, questions, args.max_new_tokens)}  # fmt: skip
+    before = {
+        "loss": assistant_loss(model, tokenizer, held_out),
+        "exact_match": exact_match(model),
+        "answers": answer(model, tokenizer, questions, args.max_new_tokens),
+    }
     print(f"held-out assistant loss before SFT: {before['loss']:.3f}")
-    trainer = SFTTrainer(model=model, args=sft_config(args, max_length), train_dataset=data["train"],
-                         processing_class=tokenizer)  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=sft_config(args, max_length), train_dataset=data["train"], processing_class=tokenizer
+    )
     trainer.train()
     model = trainer.model
-    after = {"loss": assistant_loss(model, tokenizer, held_out), "exact_match": exact_match(model),
-             "answers": answer(model, tokenizer, questions, args.max_new_tokens)}  # fmt: skip
+    after = {
+        "loss": assistant_loss(model, tokenizer, held_out),
+        "exact_match": exact_match(model),
+        "answers": answer(model, tokenizer, questions, args.max_new_tokens),
+    }
     minutes = (time.perf_counter() - start) / 60
     print(f"held-out assistant loss after SFT: {after['loss']:.3f} ({minutes:.1f} min)")
 
@@ -175,17 +190,28 @@ def main(argv=None) -> dict:
     tiny_hf.save_model(model, tokenizer, out_model)
     train_losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     figures = {
-        "model": args.model, "data": args.data, "train_conversations": len(data["train"]),
-        "held_out_conversations": len(held_out), "max_steps": args.max_steps, "batch_size": args.batch_size,
-        "max_length": max_length, "packing": args.packing, "lr": args.lr, "minutes": round(minutes, 2),
-        "held_out_loss_before": before["loss"], "held_out_loss_after": after["loss"],
-        "verifiable_held_out": len(verifiable), "exact_match_before": before["exact_match"],
+        "model": args.model,
+        "data": args.data,
+        "train_conversations": len(data["train"]),
+        "held_out_conversations": len(held_out),
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "max_length": max_length,
+        "packing": args.packing,
+        "lr": args.lr,
+        "minutes": round(minutes, 2),
+        "held_out_loss_before": before["loss"],
+        "held_out_loss_after": after["loss"],
+        "verifiable_held_out": len(verifiable),
+        "exact_match_before": before["exact_match"],
         "exact_match_after": after["exact_match"],
         "first_train_loss": train_losses[0] if train_losses else None,
         "last_train_loss": train_losses[-1] if train_losses else None,
-        "samples": [{"question": q[-1]["content"], "reference": ref, "before": b, "after": a}
-                    for q, ref, b, a in zip(questions, references, before["answers"], after["answers"], strict=True)],
-    }  # fmt: skip
+        "samples": [
+            {"question": q[-1]["content"], "reference": ref, "before": b, "after": a}
+            for q, ref, b, a in zip(questions, references, before["answers"], after["answers"], strict=True)
+        ],
+    }
     table = summary_markdown(figures)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")

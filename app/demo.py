@@ -38,10 +38,10 @@ import torch
 from matplotlib.figure import Figure
 
 import tiny_hf  # noqa: F401  (registers the Auto classes, so run folders load without trust_remote_code)
-from app import load_rag_index, resolve_model
 from rag.answer import Source, cite, grounded_prompt
-from rag.index import SEARCH_MODES
+from rag.index import SEARCH_MODES, load_rag_index
 from tiny_hf.engine import ContextWindowError, Engine, EngineLoop, SamplingParams, fit_messages
+from tiny_hf.runs import resolve_model
 
 RUN_FILES = ("loss_curve.png", "summary.md")  # what training/report.py writes beside it
 ATTENTION_MAX_TOKENS = 48  # a heatmap with more rows than this is unreadable
@@ -53,8 +53,14 @@ PASSAGE_COLUMNS = ["#", "document", "score", "cited", "passage"]  # the Ask the 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------------
-def load_engine(model: str, *, device: str | None = None, max_seq_len: int | None = None,
-                trust_remote_code: bool = False, max_batch_size: int = 8) -> tuple[Engine, list[Path]]:  # fmt: skip
+def load_engine(
+    model: str,
+    *,
+    device: str | None = None,
+    max_seq_len: int | None = None,
+    trust_remote_code: bool = False,
+    max_batch_size: int = 8,
+) -> tuple[Engine, list[Path]]:
     """The engine for `model` (see `resolve_model`) and the folders that may hold its report files.
 
     Raises:
@@ -97,8 +103,9 @@ def chat_prompt(engine: Engine, messages: list[dict], max_tokens: int) -> tuple[
     return fit_messages(engine.tokenizer, messages, budget=budget, policy="truncate")
 
 
-def chat_params(tokenizer, *, temperature: float, top_p: float, top_k: int, max_tokens: int,
-                repetition_penalty: float) -> SamplingParams:  # fmt: skip
+def chat_params(
+    tokenizer, *, temperature: float, top_p: float, top_k: int, max_tokens: int, repetition_penalty: float
+) -> SamplingParams:
     """SamplingParams for a chat reply: it stops at the end of the assistant's turn. Raises ValueError."""
     stop_ids = [tokenizer.convert_tokens_to_ids(IM_END)] if IM_END in tokenizer.get_vocab() else []
     return SamplingParams(
@@ -259,9 +266,15 @@ def find_run_file(run_dirs: list[Path], name: str) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------------------------------
-def build_demo(model: str, *, device: str | None = None, max_seq_len: int | None = None,
-               trust_remote_code: bool = False, max_batch_size: int = 8,
-               rag_index=None) -> tuple[gr.Blocks, EngineLoop]:  # fmt: skip
+def build_demo(
+    model: str,
+    *,
+    device: str | None = None,
+    max_seq_len: int | None = None,
+    trust_remote_code: bool = False,
+    max_batch_size: int = 8,
+    rag_index=None,
+) -> tuple[gr.Blocks, EngineLoop]:
     """Load `model` into an engine, start its loop, and build the app around it.
 
     Args:
@@ -334,8 +347,9 @@ def build_demo(model: str, *, device: str | None = None, max_seq_len: int | None
             return message, history
         return "", [*history, {"role": "user", "content": message}]
 
-    def respond(history: list[dict], system_prompt: str, temperature, top_p, top_k, max_tokens,
-                repetition_penalty) -> Iterator[list[dict]]:  # fmt: skip
+    def respond(
+        history: list[dict], system_prompt: str, temperature, top_p, top_k, max_tokens, repetition_penalty
+    ) -> Iterator[list[dict]]:
         if not history or history[-1]["role"] != "user":
             yield history  # nothing new to answer (an empty message was sent)
             return
@@ -372,9 +386,14 @@ def build_demo(model: str, *, device: str | None = None, max_seq_len: int | None
         params = params_from(0.0, 1.0, 0, max_tokens, 1.0)  # greedy: the same answer on every run
         try:
             prompt_ids, sources, dropped = grounded_prompt(
-                question, rag_index, tokenizer, window=engine.max_seq_len, k=int(k), mode=mode,
+                question,
+                rag_index,
+                tokenizer,
+                window=engine.max_seq_len,
+                k=int(k),
+                mode=mode,
                 max_new_tokens=params.max_tokens,
-            )  # fmt: skip
+            )
         except ValueError as error:
             raise gr.Error(str(error)) from None
         if dropped:
@@ -526,8 +545,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument("--port", type=int, default=7860)
     server.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     rag = parser.add_argument_group("retrieval")
-    rag.add_argument("--rag-index", default=None, metavar="DIR",
-                     help="an index folder (python -m rag.index): adds the Ask the docs tab")  # fmt: skip
+    rag.add_argument(
+        "--rag-index",
+        default=None,
+        metavar="DIR",
+        help="an index folder (python -m rag.index): adds the Ask the docs tab",
+    )
     return parser.parse_args(argv)
 
 

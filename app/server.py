@@ -32,26 +32,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
-from fastapi import Depends, FastAPI, Request  # noqa: E402
-from fastapi.concurrency import run_in_threadpool  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-
-import tiny_hf  # noqa: E402, F401  (registers the tiny model type with the Auto classes)
-from app import load_rag_index, resolve_model  # noqa: E402
-from rag.answer import QuestionTooLongError, cite, grounded_prompt  # noqa: E402
-from tiny_hf.engine import (  # noqa: E402
+import tiny_hf  # noqa: F401 (registers the tiny model type with the Auto classes)
+from rag.answer import QuestionTooLongError, cite, grounded_prompt
+from rag.index import load_rag_index
+from tiny_hf.engine import (
     WINDOW_POLICIES,
     ContextWindowError,
     Engine,
@@ -60,6 +56,7 @@ from tiny_hf.engine import (  # noqa: E402
     SamplingParams,
     fit_messages,
 )
+from tiny_hf.runs import resolve_model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -139,8 +136,13 @@ class RagRequest(BaseModel):
 class ApiError(Exception):
     """An error answered with OpenAI's error body."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             429: "rate_limit_error", 503: "server_error"}  # fmt: skip
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+    }
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -164,8 +166,9 @@ def _engine_error(error: Exception) -> ApiError:
 # ---------------------------------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------------------------------
-def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, shutdown_timeout: float = 10.0,
-              rag_index=None) -> FastAPI:  # fmt: skip
+def build_app(
+    loop: EngineLoop, *, model_name: str, api_key: str | None = None, shutdown_timeout: float = 10.0, rag_index=None
+) -> FastAPI:
     """The FastAPI app serving `loop`'s engine under the name `model_name`; with `rag_index` (a
     `rag.index.RagIndex`) also `POST /v1/rag/answer`."""
     engine = loop.engine
@@ -203,8 +206,12 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, 
 
     def check_model(name: str) -> None:
         if name != model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server has {model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server has {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     auth = [Depends(authorize)]
 
@@ -221,8 +228,13 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, 
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
-        entry = {"id": model_name, "object": "model", "created": created, "owned_by": "tiny-hf",
-                 "max_model_len": engine.max_seq_len}  # fmt: skip
+        entry = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "tiny-hf",
+            "max_model_len": engine.max_seq_len,
+        }
         return {"object": "list", "data": [entry]}
 
     def reply_room(max_tokens: int | None) -> int:
@@ -275,10 +287,18 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, 
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             results = await run(prompts, params, request)
-            choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
-                       for i, r in enumerate(results)]  # fmt: skip
-            return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                    "choices": choices, "usage": usage(results)}  # fmt: skip
+            choices = [
+                {"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
+                for i, r in enumerate(results)
+            ]
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": now,
+                "model": model_name,
+                "choices": choices,
+                "usage": usage(results),
+            }
         if len(prompts) != 1:
             raise ApiError(400, "stream with one prompt at a time", param="prompt")
         stream = loop.astream(prompts[0], params)
@@ -287,17 +307,30 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, 
         async def events():
             out = first
             while True:
-                chunk = {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                         "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason,
-                                      "logprobs": None}]}  # fmt: skip
+                chunk = {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": now,
+                    "model": model_name,
+                    "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}],
+                }
                 yield sse(chunk)
                 if out.finished:
                     break
                 out = await anext(stream)
             if (body.stream_options or {}).get("include_usage"):
-                yield sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                           "choices": [], "usage": usage([{"prompt_tokens": out.prompt_tokens,
-                                                           "completion_tokens": out.completion_tokens}])})  # fmt: skip
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": now,
+                        "model": model_name,
+                        "choices": [],
+                        "usage": usage(
+                            [{"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}]
+                        ),
+                    }
+                )
             yield sse("[DONE]")
 
         return StreamingResponse(_closing(events(), stream), media_type="text/event-stream")
@@ -311,26 +344,43 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, 
         max_tokens = body.max_completion_tokens or body.max_tokens
         budget = engine.max_seq_len - reply_room(max_tokens)
         try:
-            prompt_ids, _dropped = fit_messages(tokenizer, messages, budget=max(budget, 1),
-                                                policy=engine.window_policy)  # fmt: skip
+            prompt_ids, _dropped = fit_messages(
+                tokenizer, messages, budget=max(budget, 1), policy=engine.window_policy
+            )
         except ValueError as error:
             raise _engine_error(error) from error
         params = _params(body, max_tokens, stop_token_ids=stop_at_end_of_turn())
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             (result,) = await run([prompt_ids], params, request)
-            choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                      "finish_reason": result["finish_reason"], "logprobs": None}  # fmt: skip
-            return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                    "choices": [choice], "usage": usage([result])}  # fmt: skip
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result["text"]},
+                "finish_reason": result["finish_reason"],
+                "logprobs": None,
+            }
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": now,
+                "model": model_name,
+                "choices": [choice],
+                "usage": usage([result]),
+            }
         stream = loop.astream(prompt_ids, params)
         first = await first_output(stream)
 
         async def events():
             def chunk(delta: dict, finish_reason: str | None) -> str:
-                return sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                         "logprobs": None}]})  # fmt: skip
+                return sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": now,
+                        "model": model_name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                    }
+                )
 
             yield chunk({"role": "assistant", "content": ""}, None)
             out = first
@@ -342,9 +392,18 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, 
                     break
                 out = await anext(stream)
             if (body.stream_options or {}).get("include_usage"):
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                           "choices": [], "usage": usage([{"prompt_tokens": out.prompt_tokens,
-                                                           "completion_tokens": out.completion_tokens}])})  # fmt: skip
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk",
+                        "created": now,
+                        "model": model_name,
+                        "choices": [],
+                        "usage": usage(
+                            [{"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}]
+                        ),
+                    }
+                )
             yield sse("[DONE]")
 
         return StreamingResponse(_closing(events(), stream), media_type="text/event-stream")
@@ -357,9 +416,15 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, 
             try:
                 # Retrieval (a dense query runs the encoder) and tokenizing are CPU work: off the event loop.
                 prompt_ids, sources, dropped = await run_in_threadpool(
-                    grounded_prompt, body.question, rag_index, tokenizer, window=engine.max_seq_len, k=body.k,
-                    mode=body.mode, max_new_tokens=max_tokens,
-                )  # fmt: skip
+                    grounded_prompt,
+                    body.question,
+                    rag_index,
+                    tokenizer,
+                    window=engine.max_seq_len,
+                    k=body.k,
+                    mode=body.mode,
+                    max_new_tokens=max_tokens,
+                )
             except QuestionTooLongError as error:
                 raise ApiError(400, str(error), param="question", code="context_length_exceeded") from error
             except ValueError as error:  # an empty question, or max_tokens leaving no room for a prompt
@@ -367,9 +432,13 @@ def build_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, 
             params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=stop_at_end_of_turn())
             (result,) = await run([prompt_ids], params, request)
             grounded = cite(result["text"].strip(), sources, prompt_tokens=len(prompt_ids), dropped=dropped)
-            return {"answer": grounded.text, "citations": [c.to_dict() for c in grounded.citations],
-                    "sources": [s.to_dict() for s in grounded.sources], "dropped": grounded.dropped,
-                    "usage": usage([result])}  # fmt: skip
+            return {
+                "answer": grounded.text,
+                "citations": [c.to_dict() for c in grounded.citations],
+                "sources": [s.to_dict() for s in grounded.sources],
+                "dropped": grounded.dropped,
+                "usage": usage([result]),
+            }
 
     return app
 
@@ -414,8 +483,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
     server.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get on exit")
     rag = parser.add_argument_group("retrieval")
-    rag.add_argument("--rag-index", default=None, metavar="DIR",
-                     help="an index folder (python -m rag.index): serve POST /v1/rag/answer")  # fmt: skip
+    rag.add_argument(
+        "--rag-index",
+        default=None,
+        metavar="DIR",
+        help="an index folder (python -m rag.index): serve POST /v1/rag/answer",
+    )
     return parser.parse_args(argv)
 
 
@@ -441,13 +514,15 @@ def main(argv=None) -> None:
     )
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     loop = EngineLoop(engine).start()
-    app = build_app(loop, model_name=name, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
-                    rag_index=rag_index)  # fmt: skip
+    app = build_app(
+        loop, model_name=name, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, rag_index=rag_index
+    )
     print(f"Serving {path} as {name!r} on http://{args.host}:{args.port}/v1 (window {engine.max_seq_len} tokens)")
     if rag_index is not None:
         print(f"Grounded answers from {args.rag_index} ({len(rag_index)} chunks) at POST /v1/rag/answer")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=int(args.shutdown_timeout) + 1)  # fmt: skip
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=int(args.shutdown_timeout) + 1
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, write_results  # noqa: E402
+from tiny_hf.results import RESULTS_DIR, write_results
 
 IMPLEMENTATIONS = ("eager", "sdpa", "sliding", "llama-sdpa")
 
@@ -53,9 +52,14 @@ def child(args: argparse.Namespace) -> dict:
 
     implementation, length = args.child.split(":")
     length = int(length)
-    config = TinyConfig(vocab_size=1024, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=args.heads, max_position_embeddings=length,
-                        sliding_window=args.window if implementation == "sliding" else None)  # fmt: skip
+    config = TinyConfig(
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=length,
+        sliding_window=args.window if implementation == "sliding" else None,
+    )
     torch.manual_seed(0)
     if implementation == "llama-sdpa":
         model = LlamaModel(llama_config(config))
@@ -78,8 +82,13 @@ def child(args: argparse.Namespace) -> dict:
     if args.device.startswith("cuda"):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     seconds = min(times)
-    return {"implementation": implementation, "length": length, "seconds": seconds, "tokens_per_s": length / seconds,
-            "peak_mb": peak_mb}  # fmt: skip
+    return {
+        "implementation": implementation,
+        "length": length,
+        "seconds": seconds,
+        "tokens_per_s": length / seconds,
+        "peak_mb": peak_mb,
+    }
 
 
 def main(argv=None) -> dict:
@@ -98,9 +107,24 @@ def main(argv=None) -> dict:
             if implementation == "eager" and scores_gb > args.eager_limit_gb:
                 rows.append({"implementation": implementation, "length": length, "skipped": f"{scores_gb:.0f} GB"})
                 continue
-            command = [sys.executable, __file__, "--child", f"{implementation}:{length}", "--layers", str(args.layers),
-                       "--hidden", str(args.hidden), "--heads", str(args.heads), "--window", str(args.window),
-                       "--repeats", str(args.repeats), "--device", args.device]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                f"{implementation}:{length}",
+                "--layers",
+                str(args.layers),
+                "--hidden",
+                str(args.hidden),
+                "--heads",
+                str(args.heads),
+                "--window",
+                str(args.window),
+                "--repeats",
+                str(args.repeats),
+                "--device",
+                args.device,
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 rows.append({"implementation": implementation, "length": length, "skipped": "failed"})
@@ -108,10 +132,17 @@ def main(argv=None) -> dict:
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1])
-    figures = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "window": args.window,
-               "device": args.device, "rows": rows}  # fmt: skip
-    write_results(f"attention_cost_{args.device.split(':')[0]}", figures, table(figures, lengths, implementations),
-                  args.results)  # fmt: skip
+    figures = {
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "heads": args.heads,
+        "window": args.window,
+        "device": args.device,
+        "rows": rows,
+    }
+    write_results(
+        f"attention_cost_{args.device.split(':')[0]}", figures, table(figures, lengths, implementations), args.results
+    )
     print(table(figures, lengths, implementations))
     return figures
 

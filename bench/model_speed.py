@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, write_results  # noqa: E402
-
-from tiny_hf import TinyConfig, TinyForCausalLM  # noqa: E402
-from tiny_hf.convert import llama_config  # noqa: E402
-from tiny_hf.system import keep_freed_memory  # noqa: E402
+from tiny_hf import TinyConfig, TinyForCausalLM
+from tiny_hf.convert import llama_config
+from tiny_hf.results import RESULTS_DIR, write_results
+from tiny_hf.system import keep_freed_memory
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of one H100 SXM
 

@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import RESULTS_DIR, write_results  # noqa: E402
-
-import tiny_hf  # noqa: E402, F401  (registers the Auto classes)
-from alignment import ppo  # noqa: E402
-from app import resolve_model  # noqa: E402
+import tiny_hf  # noqa: F401 (registers the Auto classes)
+from alignment import ppo
+from tiny_hf.results import RESULTS_DIR, write_results
+from tiny_hf.runs import resolve_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,8 +45,10 @@ def rollout_speed(args: argparse.Namespace, path: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     stop = ppo.stop_token_id(tokenizer, None)
     rows = ppo.load_prompts("verifiable", None)[: args.batch_size]
-    prompts = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
-               for r in rows]  # fmt: skip
+    prompts = [
+        tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        for r in rows
+    ]
     engine = ppo.make_engine(policy, tokenizer, args.batch_size)
     seeds = list(range(len(prompts)))
     settings = dict(max_new_tokens=args.new_tokens, temperature=0.7, stop_id=stop, seeds=seeds)
@@ -64,15 +62,36 @@ def rollout_speed(args: argparse.Namespace, path: str) -> dict:
             responses = ppo.generate_responses(policy, tokenizer, prompts, engine=engine_or_none, **settings)
             rates[name].append(sum(len(r) for r in responses) / (time.perf_counter() - start))
     tps = {name: statistics.median(r) for name, r in rates.items()}
-    return {"generate_tokens_per_s": tps["generate"], "engine_tokens_per_s": tps["engine"],
-            "speedup": tps["engine"] / tps["generate"]}  # fmt: skip
+    return {
+        "generate_tokens_per_s": tps["generate"],
+        "engine_tokens_per_s": tps["engine"],
+        "speedup": tps["engine"] / tps["generate"],
+    }
 
 
 def step_split(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        ppo.main(["--model", args.model, "--reward-fn", "exact_match", "--task", "verifiable", "--out", tmp,
-                  "--max-steps", str(args.ppo_steps), "--batch-size", str(args.batch_size), "--max-new-tokens",
-                  str(args.new_tokens), "--no-progress", "--save-every", str(10**6)])  # fmt: skip
+        ppo.main(
+            [
+                "--model",
+                args.model,
+                "--reward-fn",
+                "exact_match",
+                "--task",
+                "verifiable",
+                "--out",
+                tmp,
+                "--max-steps",
+                str(args.ppo_steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-new-tokens",
+                str(args.new_tokens),
+                "--no-progress",
+                "--save-every",
+                str(10**6),
+            ]
+        )
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return {key: statistics.median(r[key] for r in records) for key in ppo.TIMING_KEYS}
 
@@ -80,8 +99,13 @@ def step_split(args: argparse.Namespace) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     path, _ = resolve_model(args.model)
-    figures = {"model": args.model, "batch_size": args.batch_size, "new_tokens": args.new_tokens,
-               "rollouts": rollout_speed(args, path), "step_split_s": step_split(args)}  # fmt: skip
+    figures = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "new_tokens": args.new_tokens,
+        "rollouts": rollout_speed(args, path),
+        "step_split_s": step_split(args),
+    }
     r, split = figures["rollouts"], figures["step_split_s"]
     total = sum(split.values())
     table = (

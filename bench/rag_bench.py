@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,16 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from common import RESULTS_DIR, write_results  # noqa: E402
-
-from rag.bm25 import BM25, top_k  # noqa: E402
-from rag.chunking import chunk_documents  # noqa: E402
-from rag.dense import STORAGE_DTYPES, Encoder, VectorStore  # noqa: E402
-from rag.evaluate import RETRIEVER_NAMES, RETRIEVERS, build_queries, evaluate_index  # noqa: E402
-from rag.index import RagIndex, sample_documents  # noqa: E402
-from tiny_hf.corpus import build_documents  # noqa: E402
+from rag.bm25 import BM25, top_k
+from rag.chunking import chunk_documents
+from rag.dense import STORAGE_DTYPES, Encoder, VectorStore
+from rag.evaluate import RETRIEVER_NAMES, RETRIEVERS, build_queries, evaluate_index
+from rag.index import RagIndex, sample_documents
+from tiny_hf.corpus import build_documents
+from tiny_hf.results import RESULTS_DIR, write_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,13 +193,15 @@ def dense_scaling(args: argparse.Namespace) -> list[dict]:
             if truth is None:
                 truth = tops
             recall = float(np.mean([len(a & b) / 10 for a, b in zip(tops, truth, strict=True)]))
-            rows.append({
-                "vectors": n,
-                "storage": storage,
-                "memory_mb": nbytes / 2**20,
-                "ms_per_query": 1000 * statistics.median(latencies),
-                "recall_at_10_vs_fp32": recall,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "vectors": n,
+                    "storage": storage,
+                    "memory_mb": nbytes / 2**20,
+                    "ms_per_query": 1000 * statistics.median(latencies),
+                    "recall_at_10_vs_fp32": recall,
+                }
+            )
             print(f"dense: {n:>9,} {storage}: {rows[-1]['ms_per_query']:.1f} ms/query, recall@10 {recall:.3f}")
             del store
             gc.collect()

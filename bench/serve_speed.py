@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import RESULTS_DIR, write_results  # noqa: E402
-
-from tiny_hf import TinyConfig, TinyForCausalLM  # noqa: E402
-from tiny_hf.engine import Engine, EngineLoop, SamplingParams  # noqa: E402
+from tiny_hf import TinyConfig, TinyForCausalLM
+from tiny_hf.engine import Engine, EngineLoop, SamplingParams
+from tiny_hf.results import RESULTS_DIR, write_results
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,14 +57,15 @@ def load_model(args) -> tuple[torch.nn.Module, object]:
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from app import resolve_model
+        from tiny_hf.runs import resolve_model
 
         path, _ = resolve_model(args.model)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model.to(args.device).eval(), AutoTokenizer.from_pretrained(path)
     torch.manual_seed(args.seed)
-    config = TinyConfig.from_preset(args.preset, max_position_embeddings=max(512, TinyConfig.from_preset(
-        args.preset).max_position_embeddings))  # fmt: skip
+    config = TinyConfig.from_preset(
+        args.preset, max_position_embeddings=max(512, TinyConfig.from_preset(args.preset).max_position_embeddings)
+    )
     return TinyForCausalLM(config).to(device=args.device, dtype=dtype).eval(), None
 
 
@@ -114,9 +111,11 @@ def batch1(model, engines: dict, args, rng) -> dict:
             sync(args.device)
             times[name].append(time.perf_counter() - start)
     tps = {name: args.new_tokens / statistics.median(t) for name, t in times.items()}
-    return {"generate_tokens_per_s": tps["generate"],
-            **{f"{name}_tokens_per_s": tps[name] for name in engines},
-            **{f"{name}_speedup": tps[name] / tps["generate"] for name in engines}}  # fmt: skip
+    return {
+        "generate_tokens_per_s": tps["generate"],
+        **{f"{name}_tokens_per_s": tps[name] for name in engines},
+        **{f"{name}_speedup": tps[name] / tps["generate"] for name in engines},
+    }
 
 
 def throughput(model, engine, n: int, args, rng) -> dict:
@@ -134,8 +133,13 @@ def throughput(model, engine, n: int, args, rng) -> dict:
     sync(args.device)
     engine_time = time.perf_counter() - start
     assert sum(len(r.token_ids) for r in results) == total
-    return {"requests": n, "generated_tokens": total, "generate_one_by_one_tokens_per_s": total / hf_time,
-            "engine_tokens_per_s": total / engine_time, "speedup": hf_time / engine_time}  # fmt: skip
+    return {
+        "requests": n,
+        "generated_tokens": total,
+        "generate_one_by_one_tokens_per_s": total / hf_time,
+        "engine_tokens_per_s": total / engine_time,
+        "speedup": hf_time / engine_time,
+    }
 
 
 def under_load(model, tokenizer, args, rng) -> dict:
@@ -152,8 +156,9 @@ def under_load(model, tokenizer, args, rng) -> dict:
         tokenizer = train_tokenizer([d["text"] for d in topic_documents()], vocab_size=model.config.vocab_size)
     engine = Engine(model, tokenizer, max_batch_size=args.load_parallel, max_seq_len=512)
     loop = EngineLoop(engine).start()
-    server = uvicorn.Server(uvicorn.Config(build_app(loop, model_name="bench"), host="127.0.0.1", port=0,
-                                           log_level="warning"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(loop, model_name="bench"), host="127.0.0.1", port=0, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -161,15 +166,17 @@ def under_load(model, tokenizer, args, rng) -> dict:
     port = server.servers[0].sockets[0].getsockname()[1]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     words = tokenizer.decode([rng.randrange(5, len(tokenizer)) for _ in range(4000)]).split()
-    jobs = [(" ".join(rng.choices(words, k=rng.randint(10, 60))), rng.randint(32, 128))
-            for _ in range(args.load_requests)]  # fmt: skip
+    jobs = [
+        (" ".join(rng.choices(words, k=rng.randint(10, 60))), rng.randint(32, 128)) for _ in range(args.load_requests)
+    ]
 
     def run(job):
         prompt, new = job
         start = time.perf_counter()
         first = None
-        stream = client.completions.create(model="bench", prompt=prompt, max_tokens=new, temperature=0.8,
-                                           stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        stream = client.completions.create(
+            model="bench", prompt=prompt, max_tokens=new, temperature=0.8, stream=True, extra_body={"ignore_eos": True}
+        )
         chunks = 0
         for _ in stream:
             first = first or time.perf_counter()
@@ -187,9 +194,15 @@ def under_load(model, tokenizer, args, rng) -> dict:
         return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
     ttft, latency = [r[0] for r in results], [r[1] for r in results]
-    return {"requests": len(jobs), "parallel": args.load_parallel, "tokens_per_s": sum(r[2] for r in results) / wall,
-            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "latency_p50_s": pct(latency, 50),
-            "latency_p99_s": pct(latency, 99)}  # fmt: skip
+    return {
+        "requests": len(jobs),
+        "parallel": args.load_parallel,
+        "tokens_per_s": sum(r[2] for r in results) / wall,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "latency_p50_s": pct(latency, 50),
+        "latency_p99_s": pct(latency, 99),
+    }
 
 
 def main(argv=None) -> dict:

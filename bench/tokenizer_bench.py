@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,12 +24,10 @@ from typing import TypeVar
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, write_results  # noqa: E402
-
-from tiny_hf.bpe import BPETokenizer  # noqa: E402
-from tiny_hf.corpus import build_documents, iter_texts, split_documents  # noqa: E402
-from tiny_hf.tokenization_tiny import SPECIAL_TOKENS  # noqa: E402
+from tiny_hf.bpe import BPETokenizer
+from tiny_hf.corpus import build_documents, iter_texts, split_documents
+from tiny_hf.results import RESULTS_DIR, write_results
+from tiny_hf.tokenization_tiny import SPECIAL_TOKENS
 
 T = TypeVar("T")
 

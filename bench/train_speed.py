@@ -14,21 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS_DIR, write_results  # noqa: E402
+from tiny_hf import TinyConfig, TinyForCausalLM
+from tiny_hf.results import RESULTS_DIR, write_results
+from tiny_hf.system import keep_freed_memory
+from training import pretrain
 
-from tiny_hf import TinyConfig, TinyForCausalLM  # noqa: E402
-from tiny_hf.system import keep_freed_memory  # noqa: E402
-from training import pretrain  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,11 +76,33 @@ def pipeline_tokens_per_s(args: argparse.Namespace, tokenizer_dir: Path, work: P
     """Median tokens/s over pretrain.py's logging windows (each covers everything the loop does between logs)."""
     out = work / f"run-{round_}"
     argv = [
-        "--data", args.data, "--tokenizer", str(tokenizer_dir), "--cache-dir", str(args.cache_dir),
-        "--model", args.preset, "--block-size", str(args.block_size), "--batch-size", str(args.batch),
-        "--max-steps", str(args.steps + 5), "--log-every", "5", "--eval-every", "100000", "--save-every", "100000",
-        "--eval-blocks", "4", "--sample-tokens", "1", "--out", str(out),
-    ]  # fmt: skip
+        "--data",
+        args.data,
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--cache-dir",
+        str(args.cache_dir),
+        "--model",
+        args.preset,
+        "--block-size",
+        str(args.block_size),
+        "--batch-size",
+        str(args.batch),
+        "--max-steps",
+        str(args.steps + 5),
+        "--log-every",
+        "5",
+        "--eval-every",
+        "100000",
+        "--save-every",
+        "100000",
+        "--eval-blocks",
+        "4",
+        "--sample-tokens",
+        "1",
+        "--out",
+        str(out),
+    ]
     if args.compile:
         argv.append("--compile")
     pretrain.main(argv)
@@ -100,10 +119,28 @@ def main(argv=None) -> dict:
         work = Path(tmp)
         # Train the tokenizer once (a one-off cost, not a per-step one), then reuse it in every run.
         pretrain.main(
-            ["--data", args.data, "--cache-dir", str(args.cache_dir), "--model", args.preset, "--max-steps", "1",
-             "--block-size", str(args.block_size), "--batch-size", "2", "--eval-blocks", "2", "--sample-tokens", "1",
-             "--out", str(work / "setup"), "--no-progress"]
-        )  # fmt: skip
+            [
+                "--data",
+                args.data,
+                "--cache-dir",
+                str(args.cache_dir),
+                "--model",
+                args.preset,
+                "--max-steps",
+                "1",
+                "--block-size",
+                str(args.block_size),
+                "--batch-size",
+                "2",
+                "--eval-blocks",
+                "2",
+                "--sample-tokens",
+                "1",
+                "--out",
+                str(work / "setup"),
+                "--no-progress",
+            ]
+        )
         tokenizer_dir = work / "setup" / "tokenizer"
         config = TinyConfig.from_preset(
             args.preset, vocab_size=json.loads((work / "setup" / "model" / "config.json").read_text())["vocab_size"]
@@ -116,13 +153,20 @@ def main(argv=None) -> dict:
     bare_tps, pipe_tps = statistics.median(bare), statistics.median(piped)
     ratio = pipe_tps / bare_tps
     figures = {
-        "setup": {"preset": args.preset, "batch": args.batch, "block_size": args.block_size, "steps": args.steps,
-                  "rounds": args.rounds, "device": device.type, "compile": args.compile},
+        "setup": {
+            "preset": args.preset,
+            "batch": args.batch,
+            "block_size": args.block_size,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "device": device.type,
+            "compile": args.compile,
+        },
         "bare_tokens_per_s": round(bare_tps, 1),
         "pipeline_tokens_per_s": round(pipe_tps, 1),
         "pipeline_vs_bare": round(ratio, 3),
         "goal": "pipeline_vs_bare >= 0.90",
-    }  # fmt: skip
+    }
     table = "\n".join(
         [
             f"End-to-end pretraining throughput, {args.preset}, batch {args.batch} x {args.block_size}, {device.type};"

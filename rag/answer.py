@@ -16,7 +16,7 @@ back with the passages the prompt held (`sources`: document id, character offset
 
 `measure_answers` compares answer quality with and without retrieval on held-out questions (rag.evaluate's query
 set: the reference is the qualified name for a docstring question, the sentence for a topic one), by exact match
-and ROUGE-L from the local evaluate metric rag/metrics/rouge_l.py.
+and ROUGE-L from the local evaluate metric tiny_hf/metrics/rouge_l.py.
 
 CLI: `python -m rag.answer --index DIR --model runs/demo "How do I serialize an object to JSON?"`;
 `python -m rag.answer --index DIR --model runs/demo --measure 20` for the with/without comparison.
@@ -29,11 +29,11 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-ROUGE_L_PATH = Path(__file__).resolve().parent / "metrics" / "rouge_l.py"
+from tiny_hf.metrics import load_rouge_l
+
 DEFAULT_SYSTEM = (
     "Answer the question using only the numbered passages. Cite each passage you use by its number, like [1] or "
     "[2]. If the passages do not hold the answer, say that you do not know."
@@ -82,14 +82,6 @@ class Answer:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def load_rouge_l(**kwargs):
-    """`evaluate.load` of rag/metrics/rouge_l.py by absolute path (offline); keep_in_memory by default."""
-    import evaluate
-
-    kwargs.setdefault("keep_in_memory", True)
-    return evaluate.load(str(ROUGE_L_PATH), **kwargs)
 
 
 def context_window(model) -> int:
@@ -341,7 +333,7 @@ def load_generator(name: str, *, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tiny_hf  # noqa: F401  (registers the "tiny" model type)
-    from app import resolve_model
+    from tiny_hf.runs import resolve_model
 
     path, _ = resolve_model(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import re
 import sys
 import time
@@ -48,10 +47,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from tiny_hf.metrics import DEFAULT_KS, ranking_metrics
+
 from .bm25 import top_k
 from .chunking import Chunk
 
-DEFAULT_KS = (1, 5, 10)
 RETRIEVERS = ("bm25", "dense", "hybrid", "bm25s", "st")
 RETRIEVER_NAMES = {
     "bm25": "BM25 lucene (ours)",
@@ -63,21 +63,76 @@ RETRIEVER_NAMES = {
 
 # ---- query construction ----
 SYNONYMS = {
-    "return": "give back", "returns": "gives back", "returned": "given back", "create": "build", "creates": "builds",
-    "construct": "build", "constructs": "builds", "get": "fetch", "gets": "fetches", "set": "assign",
-    "sets": "assigns", "remove": "delete", "removes": "deletes", "delete": "remove", "deletes": "removes",
-    "check": "test", "checks": "tests", "determine": "work out", "compute": "calculate", "computes": "calculates",
-    "calculate": "compute", "convert": "turn", "converts": "turns", "serialize": "convert", "initialize": "set up",
-    "initialise": "set up", "specified": "given", "string": "text", "strings": "texts", "str": "text",
-    "dictionary": "mapping", "dict": "mapping", "list": "sequence", "exception": "error", "raise": "throw",
-    "raises": "throws", "raised": "thrown", "method": "routine", "function": "routine", "new": "fresh",
-    "whether": "if", "contains": "holds", "contain": "hold", "use": "employ", "used": "employed", "start": "begin",
-    "starts": "begins", "stop": "halt", "print": "display", "find": "locate", "finds": "locates",
-    "append": "add", "insert": "put", "update": "refresh", "parse": "analyse", "parses": "analyses",
-    "argument": "parameter", "arguments": "parameters", "object": "value", "objects": "values",
-    "instance": "object", "specify": "give", "called": "invoked", "call": "invoke", "calls": "invokes",
-    "evaluated": "computed", "statement": "instruction", "character": "symbol", "characters": "symbols",
-}  # fmt: skip
+    "return": "give back",
+    "returns": "gives back",
+    "returned": "given back",
+    "create": "build",
+    "creates": "builds",
+    "construct": "build",
+    "constructs": "builds",
+    "get": "fetch",
+    "gets": "fetches",
+    "set": "assign",
+    "sets": "assigns",
+    "remove": "delete",
+    "removes": "deletes",
+    "delete": "remove",
+    "deletes": "removes",
+    "check": "test",
+    "checks": "tests",
+    "determine": "work out",
+    "compute": "calculate",
+    "computes": "calculates",
+    "calculate": "compute",
+    "convert": "turn",
+    "converts": "turns",
+    "serialize": "convert",
+    "initialize": "set up",
+    "initialise": "set up",
+    "specified": "given",
+    "string": "text",
+    "strings": "texts",
+    "str": "text",
+    "dictionary": "mapping",
+    "dict": "mapping",
+    "list": "sequence",
+    "exception": "error",
+    "raise": "throw",
+    "raises": "throws",
+    "raised": "thrown",
+    "method": "routine",
+    "function": "routine",
+    "new": "fresh",
+    "whether": "if",
+    "contains": "holds",
+    "contain": "hold",
+    "use": "employ",
+    "used": "employed",
+    "start": "begin",
+    "starts": "begins",
+    "stop": "halt",
+    "print": "display",
+    "find": "locate",
+    "finds": "locates",
+    "append": "add",
+    "insert": "put",
+    "update": "refresh",
+    "parse": "analyse",
+    "parses": "analyses",
+    "argument": "parameter",
+    "arguments": "parameters",
+    "object": "value",
+    "objects": "values",
+    "instance": "object",
+    "specify": "give",
+    "called": "invoked",
+    "call": "invoke",
+    "calls": "invokes",
+    "evaluated": "computed",
+    "statement": "instruction",
+    "character": "symbol",
+    "characters": "symbols",
+}
 # Docstring summaries that start with one of these are imperative ("Return ...", "Serialize ...").
 IMPERATIVES = frozenset(
     "return create construct get set remove delete check determine compute calculate convert serialize deserialize "
@@ -279,27 +334,6 @@ def build_queries(chunks: Sequence[Chunk], *, n: int = 300, per_doc: int = 2) ->
 def rank_by_score(scores: Sequence[float] | np.ndarray, k: int) -> list[int]:
     """Indices of the k best scores, best first; equal scores go to the lower index (our tie rule)."""
     return top_k(np.asarray(scores, dtype=np.float64), k)[0].tolist()
-
-
-def ranking_metrics(ranked: Sequence[int], relevant: dict[int, int], *, ks: Sequence[int] = DEFAULT_KS) -> dict:
-    """recall@k for each k, MRR@10 and nDCG@10 of one ranking.
-
-    Args:
-        ranked: retrieved ids, best first (ties already broken).
-        relevant: id -> relevance grade (> 0 relevant); must not be empty.
-        ks: the cut-offs of recall.
-    """
-    rel = {d: g for d, g in relevant.items() if g > 0}
-    if not rel:
-        raise ValueError("a query needs at least one relevant id (grade > 0)")
-    ranked = list(dict.fromkeys(ranked))  # a retriever that repeats an id gets credit once
-    out = {f"recall@{k}": sum(1 for d in ranked[:k] if d in rel) / len(rel) for k in ks}
-    first = next((r for r, d in enumerate(ranked[:10], start=1) if d in rel), None)
-    out["mrr@10"] = 1.0 / first if first else 0.0
-    dcg = sum(rel.get(d, 0) / math.log2(r + 1) for r, d in enumerate(ranked[:10], start=1))
-    ideal = sum(g / math.log2(r + 1) for r, g in enumerate(sorted(rel.values(), reverse=True)[:10], start=1))
-    out["ndcg@10"] = dcg / ideal
-    return out
 
 
 def mean_metrics(

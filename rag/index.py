@@ -417,6 +417,16 @@ def load_documents(data: str, *, max_docs: int | None = None) -> list[dict]:
     return sample_documents(docs, max_docs)
 
 
+def load_rag_index(path: str) -> RagIndex:
+    """The `RagIndex` in the folder `path` (the scripts' --rag-index); a missing or damaged folder exits with a
+    one-line error."""
+    try:
+        return RagIndex.load(path)
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SystemExit(f"error: cannot load --rag-index {path!r}: {reason}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # ---- input / output ----

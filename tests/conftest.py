@@ -1,6 +1,17 @@
 """Shared test setup: offline, no telemetry, deterministic, and small helpers used across test files."""
 
+import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
 
 # Set before transformers/huggingface_hub/gradio are imported by any test module: they read these at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -8,18 +19,6 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import json  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import sysconfig  # noqa: E402
-import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -98,9 +97,16 @@ def stock_llama_dir(tiny_lm_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     path = tmp_path / "llama"
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -139,16 +145,27 @@ def small_stdlib(tmp_path_factory) -> Path:
 
 # Grounded answers (app/server.py's /v1/rag/answer, app/demo.py's "Ask the docs" tab): five short documents.
 RAG_DOCS = [
-    {"id": "json", "text": "The json module encodes Python objects as JSON text. json.dumps returns a string, and "
-                           "json.loads parses JSON text back into Python objects."},
-    {"id": "csv", "text": "The csv module reads and writes comma separated values. csv.reader yields the rows of a "
-                          "file as lists of strings."},
-    {"id": "pathlib", "text": "The pathlib module has Path objects for file system paths. Path.read_text returns the "
-                              "contents of a file as a string."},
+    {
+        "id": "json",
+        "text": "The json module encodes Python objects as JSON text. json.dumps returns a string, and "
+        "json.loads parses JSON text back into Python objects.",
+    },
+    {
+        "id": "csv",
+        "text": "The csv module reads and writes comma separated values. csv.reader yields the rows of a "
+        "file as lists of strings.",
+    },
+    {
+        "id": "pathlib",
+        "text": "The pathlib module has Path objects for file system paths. Path.read_text returns the "
+        "contents of a file as a string.",
+    },
     {"id": "re", "text": "The re module matches regular expressions. re.search finds the first match of a pattern."},
-    {"id": "heapq", "text": "The heapq module keeps a list as a priority queue: heappush adds, heappop takes the "
-                            "smallest item."},
-]  # fmt: skip
+    {
+        "id": "heapq",
+        "text": "The heapq module keeps a list as a priority queue: heappush adds, heappop takes the smallest item.",
+    },
+]
 RAG_QUESTION = "How does json.loads parse JSON text?"
 
 
@@ -166,6 +183,6 @@ def rag_index_dir(tiny_lm_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rag_index(rag_index_dir):
     """The index loaded back as the scripts' --rag-index does."""
-    from app import load_rag_index
+    from rag.index import load_rag_index
 
     return load_rag_index(str(rag_index_dir))

@@ -34,8 +34,9 @@ def small_tasks(small_stdlib, monkeypatch):
         "preference_dataset",
         functools.partial(data.preference_dataset, stdlib_dir=str(small_stdlib), val_fraction=0.3),
     )
-    monkeypatch.setattr(compare, "verifiable_dataset",
-                        functools.partial(data.verifiable_dataset, stdlib_dir=str(small_stdlib)))  # fmt: skip
+    monkeypatch.setattr(
+        compare, "verifiable_dataset", functools.partial(data.verifiable_dataset, stdlib_dir=str(small_stdlib))
+    )
 
 
 @pytest.fixture
@@ -43,8 +44,9 @@ def runs(tiny_lm_dir, tmp_path):
     """A reward model on the policy's tokenizer, a changed policy, and a fake PPO run with two checkpoints."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     torch.manual_seed(0)
-    reward = TinyForSequenceClassification(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256,
-                                                       num_labels=1, pad_token_id=PAD))  # fmt: skip
+    reward = TinyForSequenceClassification(
+        tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256, num_labels=1, pad_token_id=PAD)
+    )
     reward.save_pretrained(tmp_path / "reward" / "model")
     tokenizer.save_pretrained(tmp_path / "reward" / "model")
     policy = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
@@ -59,16 +61,41 @@ def runs(tiny_lm_dir, tmp_path):
 
 
 def args_for(tiny_lm_dir, runs, *extra):
-    return ["--sft", str(tiny_lm_dir), "--reward-model", str(runs / "reward"), "--docs-examples", "6",
-            "--verifiable-examples", "6", "--kl-examples", "4", "--max-new-tokens", "6", "--best-of-n", "3",
-            "--out", str(runs / "out"), *extra]  # fmt: skip
+    return [
+        "--sft",
+        str(tiny_lm_dir),
+        "--reward-model",
+        str(runs / "reward"),
+        "--docs-examples",
+        "6",
+        "--verifiable-examples",
+        "6",
+        "--kl-examples",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--best-of-n",
+        "3",
+        "--out",
+        str(runs / "out"),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_one_table_for_every_method_on_the_same_prompts(tiny_lm_dir, runs, small_tasks):
-    figures = compare.main(args_for(tiny_lm_dir, runs, "--policy", f"docs:Changed={runs / 'changed'}",
-                                    "--policy", f"verifiable:Same={tiny_lm_dir}",
-                                    "--trajectory", f"PPO={runs / 'ppo'}"))  # fmt: skip
+    figures = compare.main(
+        args_for(
+            tiny_lm_dir,
+            runs,
+            "--policy",
+            f"docs:Changed={runs / 'changed'}",
+            "--policy",
+            f"verifiable:Same={tiny_lm_dir}",
+            "--trajectory",
+            f"PPO={runs / 'ppo'}",
+        )
+    )
     rows = {row["name"]: row for row in figures["rows"]}
     assert list(rows) == ["SFT", "best-of-3", "Changed", "Same"]
     # the start against itself: log-ratios are exactly 0, and the same weights give the same answers and scores

@@ -7,13 +7,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import RAG_QUESTION, free_port
+from gradio_client import Client
+from gradio_client.exceptions import AppError
 
-pytest.importorskip("gradio", reason="the demo needs the app extra: pip install -e '.[app]'")
-from conftest import RAG_QUESTION, free_port  # noqa: E402
-from gradio_client import Client  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
-
-from app.demo import PASSAGE_COLUMNS, attention_map, build_demo, main, resolve_model, token_spans  # noqa: E402
+from app.demo import PASSAGE_COLUMNS, attention_map, build_demo, main, resolve_model, token_spans
 
 # One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
 pytestmark = pytest.mark.xdist_group("gradio")
@@ -162,8 +160,9 @@ def test_ask_api_streams_the_passages_and_a_grounded_answer(client, rag_index, t
     assert rows[0][1] == "json" and [row[2] for row in rows] == pytest.approx([h.score for h in hits[:2]], abs=1e-4)
     # The answer is rag.answer's (its own engine, on the same weights), streamed as a growing text.
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
-    want = answer(RAG_QUESTION, rag_index, model, AutoTokenizer.from_pretrained(tiny_lm_dir), k=3, mode="bm25",
-                  max_new_tokens=4)  # fmt: skip
+    want = answer(
+        RAG_QUESTION, rag_index, model, AutoTokenizer.from_pretrained(tiny_lm_dir), k=3, mode="bm25", max_new_tokens=4
+    )
     assert texts[0] == "" and texts[-1] == want.text
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False))
     assert [row[0] for row in rows if row[3] == "✓"] == sorted(c.number for c in want.citations)

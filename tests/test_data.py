@@ -68,9 +68,18 @@ def test_parse_data_spec_colons_and_slashes_in_names():
 
 
 @pytest.mark.parametrize(
-    "spec, bad", [("", "''"), ("a:0", "a:0"), ("a:-1", "a:-1"), ("a:nan", "a:nan"), ("a:inf", "a:inf"),
-                  ("a,,b", "''"), (":0.5", ":0.5"), ("a:1,a:2", "'a' is listed twice")],
-)  # fmt: skip
+    "spec, bad",
+    [
+        ("", "''"),
+        ("a:0", "a:0"),
+        ("a:-1", "a:-1"),
+        ("a:nan", "a:nan"),
+        ("a:inf", "a:inf"),
+        ("a,,b", "''"),
+        (":0.5", ":0.5"),
+        ("a:1,a:2", "'a' is listed twice"),
+    ],
+)
 def test_parse_data_spec_rejects_bad_parts(spec, bad):
     with pytest.raises(ValueError, match=bad):
         parse_data_spec(spec)

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -174,21 +173,9 @@ def entry_key(kind: str, script: str) -> str:
 
 
 def load_script(script: str):
-    """The module of a script path: imported by its package name where there is one (training/, alignment/, rag/,
-    app/, tiny_hf/), else loaded from its file (bench/ is not a package)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    path = ROOT / script
-    assert path.is_file(), f"{script} does not exist"
-    if (path.parent / "__init__.py").exists():
-        return importlib.import_module(script[: -len(".py")].replace("/", "."))
-    name = "docs_check_" + re.sub(r"\W", "_", script[: -len(".py")])
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """The module of a script path (every folder with scripts is a package)."""
+    assert (ROOT / script).is_file(), f"{script} does not exist"
+    return importlib.import_module(script[: -len(".py")].replace("/", "."))
 
 
 class _Parsed(Exception):
@@ -308,10 +295,36 @@ def test_demo_runs_tiny(corpus, tmp_path):
     from training import demo
 
     out = tmp_path / "demo"
-    result = demo.main(["--out", str(out), "--max-steps", "2", "--max-new-tokens", "2", "--",
-                        "--data", str(corpus), "--model", "tiny-1m", *TINY_MODEL, "--vocab-size", "400",
-                        "--block-size", "32", "--batch-size", "4", "--eval-blocks", "2", "--sample-tokens", "2",
-                        "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--cpu"])  # fmt: skip
+    result = demo.main(
+        [
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--",
+            "--data",
+            str(corpus),
+            "--model",
+            "tiny-1m",
+            *TINY_MODEL,
+            "--vocab-size",
+            "400",
+            "--block-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--eval-blocks",
+            "2",
+            "--sample-tokens",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--no-progress",
+            "--cpu",
+        ]
+    )
     assert len(result["samples"]) == len(demo.PROMPTS) and (out / "model" / "config.json").exists()
 
 
@@ -325,9 +338,26 @@ def test_ablate_runs_tiny(corpus, tmp_path, monkeypatch):
     original = pretrain.parse_args
     monkeypatch.setattr(pretrain, "parse_args", lambda argv=None: original([*argv, *tiny]))
     out, results = tmp_path / "ablate", tmp_path / "results"
-    figures = ablate.main(["--studies", "block", "--data", str(corpus), "--max-steps", "2", "--batch-size", "4",
-                           "--block-size", "32", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-                           "--results", str(results)])  # fmt: skip
+    figures = ablate.main(
+        [
+            "--studies",
+            "block",
+            "--data",
+            str(corpus),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--block-size",
+            "32",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--results",
+            str(results),
+        ]
+    )
     assert set(figures["results"]["block"]) == set(ablate.STUDIES["block"])
     assert (results / "ablations.md").exists() and (results / "ablation_block.png").exists()
 
@@ -342,17 +372,54 @@ def test_tokenizer_bench_runs_tiny(tmp_path):
     for split, texts in (("train", docs[:32]), ("validation", docs[32:])):
         (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     bench = load_script("bench/tokenizer_bench.py")
-    bench.main(["--data", str(data), "--vocab-sizes", "300", "--repeats", "1", "--skip", "unigram",
-                "--out", str(tmp_path / "results")])  # fmt: skip
+    bench.main(
+        [
+            "--data",
+            str(data),
+            "--vocab-sizes",
+            "300",
+            "--repeats",
+            "1",
+            "--skip",
+            "unigram",
+            "--out",
+            str(tmp_path / "results"),
+        ]
+    )
     assert "ours BPE" in (tmp_path / "results" / "tokenizers.md").read_text()
 
 
 @pytest.mark.slow
 def test_model_speed_runs_tiny(tmp_path):
     bench = load_script("bench/model_speed.py")
-    bench.main(["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "64", "--seq-len",
-                "16", "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--out", str(tmp_path),
-                "--name", "speed"])  # fmt: skip
+    bench.main(
+        [
+            "--device",
+            "cpu",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--vocab",
+            "64",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "speed",
+        ]
+    )
     assert (tmp_path / "speed.md").exists()
 
 
@@ -363,16 +430,54 @@ def test_train_speed_runs_tiny(corpus, tmp_path, monkeypatch):
     original = pretrain.parse_args
     monkeypatch.setattr(pretrain, "parse_args", lambda argv=None: original([*argv, "--vocab-size", "400", "--cpu"]))
     bench = load_script("bench/train_speed.py")
-    figures = bench.main(["--preset", "tiny-1m", "--batch", "2", "--block-size", "32", "--steps", "2", "--rounds",
-                          "1", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path),
-                          "--name", "train_speed"])  # fmt: skip
+    figures = bench.main(
+        [
+            "--preset",
+            "tiny-1m",
+            "--batch",
+            "2",
+            "--block-size",
+            "32",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--data",
+            str(corpus),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path),
+            "--name",
+            "train_speed",
+        ]
+    )
     assert figures["pipeline_tokens_per_s"] > 0 and (tmp_path / "train_speed.md").exists()
 
 
 @pytest.mark.slow
 def test_attention_cost_runs_tiny(tmp_path):
     bench = load_script("bench/attention_cost.py")
-    figures = bench.main(["--lengths", "32", "--layers", "1", "--hidden", "32", "--heads", "2", "--window", "8",
-                          "--repeats", "1", "--implementations", "sdpa", "--device", "cpu",
-                          "--results", str(tmp_path)])  # fmt: skip
+    figures = bench.main(
+        [
+            "--lengths",
+            "32",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--window",
+            "8",
+            "--repeats",
+            "1",
+            "--implementations",
+            "sdpa",
+            "--device",
+            "cpu",
+            "--results",
+            str(tmp_path),
+        ]
+    )
     assert [r.get("skipped") for r in figures["rows"]] == [None], figures["rows"]  # each row is a child process

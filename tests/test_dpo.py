@@ -17,12 +17,14 @@ def write_preferences(path, n: int = 60) -> None:
     rows = []
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
-        rows.append({
-            "prompt": [{"role": "user", "content": f"What is module {i} about?"}],
-            "chosen": [{"role": "assistant", "content": f"It works with {topic}."}],
-            "rejected": [{"role": "assistant", "content": " ".join(["the the"] * (2 + i % 3))}],
-            "kind": "repetitive",
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is module {i} about?"}],
+                "chosen": [{"role": "assistant", "content": f"It works with {topic}."}],
+                "rejected": [{"role": "assistant", "content": " ".join(["the the"] * (2 + i % 3))}],
+                "kind": "repetitive",
+            }
+        )
     path.write_text("\n".join(json.dumps(r) for r in rows))
 
 
@@ -34,10 +36,25 @@ def prefs(tmp_path):
 
 
 def run(model_dir, data, out, *extra):
-    return dpo.main([
-        "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "4",
-        "--max-length", "64", "--warmup-steps", "0", "--logging-steps", "1", *extra,
-    ])  # fmt: skip
+    return dpo.main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--max-length",
+            "64",
+            "--warmup-steps",
+            "0",
+            "--logging-steps",
+            "1",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -92,8 +109,12 @@ def test_implicit_prompts_are_split_off(tiny_lm_dir, tmp_path):
     rows = []
     for i in range(40):
         question = {"role": "user", "content": f"What is module {i} about?"}
-        rows.append({"chosen": [question, {"role": "assistant", "content": f"It works with {TOPICS[i % 10]}."}],
-                     "rejected": [question, {"role": "assistant", "content": "the the the"}]})  # fmt: skip
+        rows.append(
+            {
+                "chosen": [question, {"role": "assistant", "content": f"It works with {TOPICS[i % 10]}."}],
+                "rejected": [question, {"role": "assistant", "content": "the the the"}],
+            }
+        )
     data = tmp_path / "implicit.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     figures = run(tiny_lm_dir, data, tmp_path / "dpo", "--max-steps", "1", "--lr", "1e-3")
@@ -101,8 +122,13 @@ def test_implicit_prompts_are_split_off(tiny_lm_dir, tmp_path):
     row = dpo.explicit_prompt({"prompt": [], **rows[0]})
     assert row["prompt"] == rows[0]["chosen"][:1] and row["rejected"] == rows[0]["rejected"][1:]
     with pytest.raises(ValueError, match="share no opening turn"):
-        dpo.explicit_prompt({"prompt": [], "chosen": [{"role": "user", "content": "a"}],
-                             "rejected": [{"role": "user", "content": "b"}]})  # fmt: skip
+        dpo.explicit_prompt(
+            {
+                "prompt": [],
+                "chosen": [{"role": "user", "content": "a"}],
+                "rejected": [{"role": "user", "content": "b"}],
+            }
+        )
 
 
 def test_stock_llama_dpo_lora(stock_llama_dir, prefs, tmp_path):

@@ -50,8 +50,9 @@ def sharp_model(**overrides) -> TinyForCausalLM:
 
 def generate_alone(model, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=2)  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=2
+    )
     return out[0, len(prompt) :].cpu().tolist()
 
 
@@ -111,8 +112,9 @@ def test_batched_prefill_equals_one_prompt_at_a_time(variant):
     batched._forward = spy
     tokens, logprobs = greedy_with_logprobs(batched, PROMPTS, 6)
     assert shapes[0] == (len(PROMPTS), max(len(p) for p in PROMPTS))  # one padded forward for every prompt
-    alone_tokens, alone_logprobs = greedy_with_logprobs(Engine(model, max_batch_size=1, prefix_cache_tokens=0),
-                                                        PROMPTS, 6)  # fmt: skip
+    alone_tokens, alone_logprobs = greedy_with_logprobs(
+        Engine(model, max_batch_size=1, prefix_cache_tokens=0), PROMPTS, 6
+    )
     assert tokens == alone_tokens
     for ours, theirs in zip(logprobs, alone_logprobs, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
@@ -284,8 +286,11 @@ def test_top_k_1_is_greedy_and_seeded_sampling_ignores_the_batch():
     others = SamplingParams(max_tokens=12, temperature=1.5, ignore_eos=True)
     batched = Engine(model).generate([PROMPTS[0], PROMPTS[1], PROMPTS[3]], [others, seeded, others])[1].token_ids
     assert alone == batched
-    other_seed = Engine(model).generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=1.5, seed=124,
-                                                                      ignore_eos=True))[0].token_ids  # fmt: skip
+    other_seed = (
+        Engine(model)
+        .generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=1.5, seed=124, ignore_eos=True))[0]
+        .token_ids
+    )
     assert other_seed != alone
 
 
@@ -300,8 +305,9 @@ def test_stop_ids_stop_strings_and_streamed_text(tiny_lm_dir):
     stop = full.text[10:13]
     cut = engine.generate(["The json module"], SamplingParams(max_tokens=40, stop=[stop], **GREEDY))[0]
     assert cut.text == full.text[: full.text.index(stop)] and cut.finish_reason == "stop"
-    streamed = "".join(d.text for d in engine.stream("The json module", SamplingParams(max_tokens=40, stop=[stop],
-                                                                                        **GREEDY)))  # fmt: skip
+    streamed = "".join(
+        d.text for d in engine.stream("The json module", SamplingParams(max_tokens=40, stop=[stop], **GREEDY))
+    )
     assert streamed == cut.text  # the held-back characters never leaked the stop string
 
     stop_id = full.token_ids[5]
@@ -329,9 +335,16 @@ def test_abort_frees_the_slot_and_queue_is_bounded():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", -1), ("top_p", 0), ("top_k", -2), ("min_p", 1.5), ("max_tokens", 0), ("repetition_penalty", 0),
-     ("stop", [""])],
-)  # fmt: skip
+    [
+        ("temperature", -1),
+        ("top_p", 0),
+        ("top_k", -2),
+        ("min_p", 1.5),
+        ("max_tokens", 0),
+        ("repetition_penalty", 0),
+        ("stop", [""]),
+    ],
+)
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}="):
         SamplingParams(**{field: value})
@@ -345,8 +358,9 @@ def test_bad_requests_and_models_get_clear_errors():
         engine.add_request([])
     with pytest.raises(ValueError, match="needs the engine to have a tokenizer"):
         engine.add_request("text")
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4))  # fmt: skip
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    )
     with pytest.raises(TypeError, match="use model.generate"):
         Engine(llama)
     with pytest.raises(ValueError, match="beyond the 'learned' position table"):
@@ -356,8 +370,10 @@ def test_bad_requests_and_models_get_clear_errors():
 def test_engine_loop_serves_threads_and_asyncio_together(tiny_lm_dir):
     engine = Engine.from_pretrained(str(tiny_lm_dir), max_batch_size=4)
     prompts = ["The json module", "A tuple is", "lambda", "class", "import os"]
-    expected = {p: r.text for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_tokens=10, **GREEDY)),
-                                          strict=True)}  # fmt: skip
+    expected = {
+        p: r.text
+        for p, r in zip(prompts, engine.generate(prompts, SamplingParams(max_tokens=10, **GREEDY)), strict=True)
+    }
     loop = EngineLoop(engine).start()
     got = {}
 

@@ -130,20 +130,60 @@ def workspace(tmp_path_factory):
     (root / "corpus.txt").write_text(DOC_SEPARATOR.join(texts))
     train_tokenizer(texts, vocab_size=400).save_pretrained(root / "tokenizer")
     tiny = ["hidden_size=32", "num_hidden_layers=2", "num_attention_heads=4", "intermediate_size=64"]
-    pretrain.main([
-        "--data", str(root / "corpus.txt"), "--tokenizer", str(root / "tokenizer"), "--cache-dir", str(root / "cache"),
-        "--out", str(root / "run"), "--model", "tiny-1m", *(x for kv in tiny for x in ("--set", kv)),
-        "--block-size", "32", "--batch-size", "8", "--max-steps", "2", "--warmup-steps", "1", "--eval-blocks", "8",
-        "--sample-tokens", "2", "--no-progress", "--cpu",
-    ])  # fmt: skip
+    pretrain.main(
+        [
+            "--data",
+            str(root / "corpus.txt"),
+            "--tokenizer",
+            str(root / "tokenizer"),
+            "--cache-dir",
+            str(root / "cache"),
+            "--out",
+            str(root / "run"),
+            "--model",
+            "tiny-1m",
+            *(x for kv in tiny for x in ("--set", kv)),
+            "--block-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--eval-blocks",
+            "8",
+            "--sample-tokens",
+            "2",
+            "--no-progress",
+            "--cpu",
+        ]
+    )
     return root
 
 
 def finetune_args(model, out, *extra: str) -> list[str]:
     return [
-        "--model", str(model), "--out", str(out), "--max-steps", "8", "--batch-size", "4", "--lr", "1e-2",
-        "--warmup-steps", "0", "--eval-blocks", "8", "--log-every", "1", "--no-progress", "--cpu", *extra,
-    ]  # fmt: skip
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "0",
+        "--eval-blocks",
+        "8",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--cpu",
+        *extra,
+    ]
 
 
 def test_causal_lm_lora_on_a_run_folder_improves_saves_reloads_and_merges(workspace, tmp_path):
@@ -184,10 +224,16 @@ def stock_classifier_base(kind: str, folder, tokenizer) -> None:
             max_position_embeddings=64,
             pad_token_id=tokenizer.pad_token_id,
         )
-        BertModel(config).save_pretrained(folder)  # fmt: skip
+        BertModel(config).save_pretrained(folder)
     else:
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                            pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         GPT2Model(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 

@@ -11,9 +11,15 @@ from alignment import grpo
 from alignment.data import MODULE_QUESTION
 
 NAMES = [
-    ("dumps", "json"), ("dedent", "textwrap"), ("copyfile", "shutil"), ("bisect_left", "bisect"),
-    ("heappush", "heapq"), ("reader", "csv"), ("getLogger", "logging"), ("urlopen", "urllib.request"),
-]  # fmt: skip
+    ("dumps", "json"),
+    ("dedent", "textwrap"),
+    ("copyfile", "shutil"),
+    ("bisect_left", "bisect"),
+    ("heappush", "heapq"),
+    ("reader", "csv"),
+    ("getLogger", "logging"),
+    ("urlopen", "urllib.request"),
+]
 
 
 def length_reward(completions, **kwargs) -> list[float]:
@@ -24,8 +30,10 @@ def length_reward(completions, **kwargs) -> list[float]:
 @pytest.fixture
 def questions(tmp_path):
     path = tmp_path / "questions.jsonl"
-    rows = [{"prompt": [{"role": "user", "content": MODULE_QUESTION.format(name=name)}], "answer": module}
-            for name, module in NAMES * 3]  # fmt: skip
+    rows = [
+        {"prompt": [{"role": "user", "content": MODULE_QUESTION.format(name=name)}], "answer": module}
+        for name, module in NAMES * 3
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -36,19 +44,51 @@ def with_length_reward(monkeypatch):
 
 
 def run(model_dir, data, out, *extra):
-    return grpo.main([
-        "--model", str(model_dir), "--data", str(data), "--out", str(out), "--num-generations", "4",
-        "--batch-size", "8", "--max-completion-length", "8", "--logging-steps", "1", "--lr", "1e-3",
-        "--eval-examples", "4", *extra,
-    ])  # fmt: skip
+    return grpo.main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--num-generations",
+            "4",
+            "--batch-size",
+            "8",
+            "--max-completion-length",
+            "8",
+            "--logging-steps",
+            "1",
+            "--lr",
+            "1e-3",
+            "--eval-examples",
+            "4",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize(("algo", "lora"), [("grpo", False), ("rloo", False), ("grpo", True)])
 def test_grpo_and_rloo_train_with_python_rewards(tiny_lm_dir, questions, tmp_path, with_length_reward, algo, lora):
     out = tmp_path / algo
     extra = ["--lora", "--rank", "4"] if lora else []
-    figures = run(tiny_lm_dir, questions, out, "--algo", algo, "--rewards", "exact_match,length", "--max-steps", "2",
-                  "--beta", "0.04", "--results", str(tmp_path / "results"), *extra)  # fmt: skip
+    figures = run(
+        tiny_lm_dir,
+        questions,
+        out,
+        "--algo",
+        algo,
+        "--rewards",
+        "exact_match,length",
+        "--max-steps",
+        "2",
+        "--beta",
+        "0.04",
+        "--results",
+        str(tmp_path / "results"),
+        *extra,
+    )
     assert figures["rewards"] == ["exact_match_reward", "length_reward"]
     assert len(figures["log"]) == 2 and all("rewards/length_reward/mean" in r for r in figures["log"])
     # The length reward differs between samples, so groups rarely tie; exact match alone would tie everywhere.
@@ -75,13 +115,23 @@ def test_rloo_with_a_reward_model(tiny_lm_dir, questions, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     reward_dir = tmp_path / "reward"
-    config = tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = tiny_config(
+        vocab_size=len(tokenizer), max_position_embeddings=256, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     TinyForSequenceClassification(config).save_pretrained(reward_dir)
     tokenizer.save_pretrained(reward_dir)
     assert AutoModelForSequenceClassification.from_pretrained(reward_dir).config.num_labels == 1
-    figures = run(tiny_lm_dir, questions, tmp_path / "rloo", "--algo", "rloo", "--reward-model", str(reward_dir),
-                  "--max-steps", "2")  # fmt: skip
+    figures = run(
+        tiny_lm_dir,
+        questions,
+        tmp_path / "rloo",
+        "--algo",
+        "rloo",
+        "--reward-model",
+        str(reward_dir),
+        "--max-steps",
+        "2",
+    )
     assert len(figures["rewards"]) == 2 and figures["rewards"][0] == "exact_match_reward"
     assert figures["tied_group_share"] < 1.0  # a random score head gives every answer a different reward
 
@@ -125,7 +175,19 @@ def test_format_reward():
 def test_stock_llama_grpo_lora(stock_llama_dir, questions, tmp_path, with_length_reward):
     llama_dir = stock_llama_dir
     out = tmp_path / "grpo"
-    figures = run(llama_dir, questions, out, "--lora", "--rank", "4", "--rewards", "exact_match,length",
-                  "--max-steps", "1", "--beta", "0.04")  # fmt: skip
+    figures = run(
+        llama_dir,
+        questions,
+        out,
+        "--lora",
+        "--rank",
+        "4",
+        "--rewards",
+        "exact_match,length",
+        "--max-steps",
+        "1",
+        "--beta",
+        "0.04",
+    )
     assert len(figures["log"]) == 1 and len(figures["samples"]) == figures["held_out_questions"]  # model.generate
     assert type(AutoModelForCausalLM.from_pretrained(out / "model")).__name__ == "LlamaForCausalLM"

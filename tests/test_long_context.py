@@ -69,11 +69,30 @@ def test_passkey_prompt_hides_the_key_at_the_asked_depth(tiny_lm_dir):
 @pytest.mark.slow
 def test_script_writes_the_report_for_every_variant(tiny_run_dir, tmp_path):
     results = tmp_path / "results"
-    figures = long_context.main([
-        "--model", str(tiny_run_dir), "--factor", "2", "--eval-blocks", "2", "--buckets", "4", "--trials", "1",
-        "--lengths", "0.5,2", "--depths", "0,1", "--finetune-steps", "2", "--out", str(tmp_path / "out"),
-        "--results", str(results),
-    ])  # fmt: skip
+    figures = long_context.main(
+        [
+            "--model",
+            str(tiny_run_dir),
+            "--factor",
+            "2",
+            "--eval-blocks",
+            "2",
+            "--buckets",
+            "4",
+            "--trials",
+            "1",
+            "--lengths",
+            "0.5,2",
+            "--depths",
+            "0,1",
+            "--finetune-steps",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+            "--results",
+            str(results),
+        ]
+    )
     assert list(figures["variants"]) == [*long_context.SCALINGS, "linear+finetune"]
     for name, row in figures["variants"].items():
         assert len(row["loss_by_position"]) == 4 and all(x > 0 for x in row["loss_by_position"]), name

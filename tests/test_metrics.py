@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.metrics import LM_METRICS_PATH, load_lm_metric
+from tiny_hf.metrics import LM_METRICS_PATH, load_lm_metric
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSSES = [2.0, 3.5, 1.25, 10.0]  # summed nats per row
@@ -78,7 +78,7 @@ def test_loads_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_lm_metric().compute(losses=[2.0], num_tokens=[1], num_bytes=[1])["loss"] == 2.0
     monkeypatch.chdir(ROOT)
-    relative = evaluate.load("training/metrics/lm_metrics.py", keep_in_memory=True)  # the documented spelling
+    relative = evaluate.load("tiny_hf/metrics/lm_metrics.py", keep_in_memory=True)  # the documented spelling
     assert relative.compute(losses=[3.0], num_tokens=[1], num_bytes=[1])["loss"] == 3.0
 
 

@@ -32,8 +32,15 @@ def test_quickstart_runs_on_a_tiny_run(tiny_run_dir, tmp_path, monkeypatch):
     )
     client.execute()  # a failing cell raises CellExecutionError with its traceback
     printed = outputs(notebook)
-    for expected in ("TinyForCausalLM", "TinyTokenizerFast", "trainable params", "held-out README after 3 steps",
-                     "int8 per row", f"chatting with {tiny_run_dir / 'model'}", "assistant:"):  # fmt: skip
+    for expected in (
+        "TinyForCausalLM",
+        "TinyTokenizerFast",
+        "trainable params",
+        "held-out README after 3 steps",
+        "int8 per row",
+        f"chatting with {tiny_run_dir / 'model'}",
+        "assistant:",
+    ):
         assert expected in printed, expected
 
 

@@ -16,8 +16,16 @@ from tiny_hf import TinyForSequenceClassification
 from tiny_hf.engine import Engine, SamplingParams
 
 STOP, PAD = 4, 2  # <|im_end|> and <|pad|> of tiny_hf tokenizers
-QUESTIONS = ["What is json?", "Explain lists.", "What does open do?", "Describe dicts.", "What is a tuple?",
-             "How do I sort?", "What is pathlib?", "Explain csv."]  # fmt: skip
+QUESTIONS = [
+    "What is json?",
+    "Explain lists.",
+    "What does open do?",
+    "Describe dicts.",
+    "What is a tuple?",
+    "How do I sort?",
+    "What is pathlib?",
+    "Explain csv.",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +52,32 @@ def prompts(tmp_path, monkeypatch):
 
 
 def ppo_args(model, prompts, out, *extra, steps=2):
-    return ["--model", str(model), "--task", str(prompts), "--reward-fn", "even", "--out", str(out),
-            "--max-steps", str(steps), "--batch-size", "16", "--minibatch-size", "8", "--ppo-epochs", "2",
-            "--max-new-tokens", "8", "--temperature", "1.0", "--lr", "3e-4", "--no-progress", *extra]  # fmt: skip
+    return [
+        "--model",
+        str(model),
+        "--task",
+        str(prompts),
+        "--reward-fn",
+        "even",
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--minibatch-size",
+        "8",
+        "--ppo-epochs",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--lr",
+        "3e-4",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def read_metrics(out):
@@ -67,8 +98,17 @@ def test_toy_reward_rises_with_bounded_kl(tiny_lm_dir, prompts, tmp_path):
     assert last > first + 0.15, scores
     assert records[0]["kl"] == 0.0 and records[0]["approx_kl"] < 0.5  # the policy starts as the reference
     assert max(r["kl"] for r in records) < 12, [r["kl"] for r in records]  # nats per 8-token response
-    for key in ("entropy", "clipfrac", "approx_kl", "value_loss", "explained_variance", "response_length",
-                "rollout_s", "scoring_s", "update_s"):  # fmt: skip
+    for key in (
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "value_loss",
+        "explained_variance",
+        "response_length",
+        "rollout_s",
+        "scoring_s",
+        "update_s",
+    ):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in records), key
     assert summary["first_score"] == scores[0] and summary["last_score"] == scores[-1]
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -97,24 +137,61 @@ def test_resume_gives_the_same_metrics(tiny_lm_dir, prompts, tmp_path):
 
     assert comparable(split) == comparable(whole)  # steps 3 and 4 included: exact, not approximate
     assert comparable(whole)[2]["kl"] > 0
-    for a, b in zip(AutoModelForCausalLM.from_pretrained(whole / "model").parameters(),
-                    AutoModelForCausalLM.from_pretrained(split / "model").parameters(), strict=True):  # fmt: skip
+    for a, b in zip(
+        AutoModelForCausalLM.from_pretrained(whole / "model").parameters(),
+        AutoModelForCausalLM.from_pretrained(split / "model").parameters(),
+        strict=True,
+    ):
         assert torch.equal(a, b)
 
 
 def test_lora_policy_runs_with_the_adapter_disabled_base_as_reference(tiny_lm_dir, prompts, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
-    ppo.main(ppo_args(tiny_lm_dir, prompts, out, "--lora", "--rank", "4", "--lr", "3e-3", "--kl-estimator", "k3",
-                      "--target-kl", "1.0", "--kl-horizon", "100"))  # fmt: skip
+    ppo.main(
+        ppo_args(
+            tiny_lm_dir,
+            prompts,
+            out,
+            "--lora",
+            "--rank",
+            "4",
+            "--lr",
+            "3e-3",
+            "--kl-estimator",
+            "k3",
+            "--target-kl",
+            "1.0",
+            "--kl-horizon",
+            "100",
+        )
+    )
     records = read_metrics(out)
     assert len(records) == 2
     assert records[0]["kl"] == 0.0  # LoRA's B starts at 0: the policy is exactly its base
     assert records[1]["kl"] > 0  # after one update the adapter moved away from the (disabled-adapter) reference
     assert records[1]["kl_coef"] < records[0]["kl_coef"]  # adaptive: KL 0 below the target lowers beta
     assert (out / "checkpoints" / "step-0000002" / "adapter_config.json").exists()
-    ppo.main(ppo_args(tiny_lm_dir, prompts, out, "--lora", "--rank", "4", "--lr", "3e-3", "--kl-estimator", "k3",
-                      "--target-kl", "1.0", "--kl-horizon", "100", "--resume", steps=3))  # fmt: skip
+    ppo.main(
+        ppo_args(
+            tiny_lm_dir,
+            prompts,
+            out,
+            "--lora",
+            "--rank",
+            "4",
+            "--lr",
+            "3e-3",
+            "--kl-estimator",
+            "k3",
+            "--target-kl",
+            "1.0",
+            "--kl-horizon",
+            "100",
+            "--resume",
+            steps=3,
+        )
+    )
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3] and records[2]["kl"] > 0  # the adapter came back trained
     error = min(max(records[1]["kl"] / 1.0 - 1, -0.2), 0.2)  # the controller's beta came back and kept moving
@@ -132,20 +209,28 @@ def test_engine_runs_the_lora_adapters(tiny_lm_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     torch.manual_seed(1)
-    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
-                                                     init_lora_weights=False))  # fmt: skip
+    lora = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)
+    )
     lm = ppo.engine_model(lora)
     assert lm is lora.get_base_model()
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is json?"}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=False)  # fmt: skip
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is json?"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     engine_ids = Engine(lm, tokenizer, prefix_cache_tokens=0).generate([prompt], params)[0].token_ids
     with torch.no_grad():
-        adapted = lora.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                eos_token_id=None, pad_token_id=PAD)[0, len(prompt) :].tolist()  # fmt: skip
+        adapted = lora.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD
+        )[0, len(prompt) :].tolist()
         with lora.disable_adapter():
-            plain = lora.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                  eos_token_id=None, pad_token_id=PAD)[0, len(prompt) :].tolist()  # fmt: skip
+            plain = lora.generate(
+                input_ids=torch.tensor([prompt]),
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=PAD,
+            )[0, len(prompt) :].tolist()
     assert engine_ids == adapted and adapted != plain
 
 
@@ -170,8 +255,12 @@ def test_build_batch_masks_prompt_and_padding_and_cuts_at_stop():
 def test_engine_and_generate_fallback_give_seeded_responses(tiny_lm_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for q in QUESTIONS[:3]]  # fmt: skip
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in QUESTIONS[:3]
+    ]
     kwargs = dict(max_new_tokens=6, temperature=1.0, stop_id=STOP, seeds=[1, 2, 3])
     engine = ppo.make_engine(model, tokenizer, batch_size=3)
     first = ppo.generate_responses(model, tokenizer, prompts, engine=engine, **kwargs)
@@ -203,8 +292,9 @@ def other_vocab_reward_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("reward")
     tokenizer = train_tokenizer([d["text"] for d in topic_documents()[40:60]], vocab_size=300, model_max_length=256)
     torch.manual_seed(0)
-    model = TinyForSequenceClassification(tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256,
-                                                      num_labels=1, pad_token_id=PAD))  # fmt: skip
+    model = TinyForSequenceClassification(
+        tiny_config(vocab_size=len(tokenizer), max_position_embeddings=256, num_labels=1, pad_token_id=PAD)
+    )
     model.save_pretrained(path / "model")
     tokenizer.save_pretrained(path / "model")
     return path
@@ -264,7 +354,7 @@ def _pad_is_eos(folder):
         "max-new-tokens",
         "no-template",
         "pad-eos",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_input_fails_before_training(tiny_lm_dir, prompts, tmp_path, extra, edit, match):
     model = tmp_path / "model"

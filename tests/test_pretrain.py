@@ -38,11 +38,31 @@ def workspace(tmp_path_factory):
 
 def args_for(workspace: Path, out: Path, *extra: str, model: tuple[str, ...] = tuple(TINY)) -> list[str]:
     return [
-        "--data", str(workspace / "corpus.txt"), "--tokenizer", str(workspace / "tokenizer"),
-        "--cache-dir", str(workspace / "cache"), "--out", str(out), *model,
-        "--block-size", "32", "--batch-size", "8", "--warmup-steps", "2", "--eval-blocks", "8",
-        "--sample-tokens", "4", "--log-every", "1", "--no-progress", "--cpu", *extra,
-    ]  # fmt: skip
+        "--data",
+        str(workspace / "corpus.txt"),
+        "--tokenizer",
+        str(workspace / "tokenizer"),
+        "--cache-dir",
+        str(workspace / "cache"),
+        "--out",
+        str(out),
+        *model,
+        "--block-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--warmup-steps",
+        "2",
+        "--eval-blocks",
+        "8",
+        "--sample-tokens",
+        "4",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--cpu",
+        *extra,
+    ]
 
 
 def records(out: Path, key: str) -> dict[int, float]:
@@ -123,11 +143,23 @@ def test_accelerate_launch_runs_two_processes_with_identical_weights(workspace, 
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(ROOT / "training" / "pretrain.py"),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "training" / "pretrain.py"),
         *args_for(workspace, out, "--max-steps", "4", "--eval-every", "2", "--batch-size", "4"),
-    ]  # fmt: skip
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     # A crash in one rank shows up last as the other's "Connection closed by peer": show every rank's error lines.
     errors = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]

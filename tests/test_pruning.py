@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 from tiny_hf import TinyForCausalLM
 from tiny_hf.pruning import (
-    finetune,
     input_norms,
     linear_layers,
     magnitude_mask,
@@ -24,6 +23,7 @@ from tiny_hf.pruning import (
     wanda_mask,
 )
 from training import prune as prune_script
+from training.adapt import train_on_blocks
 
 
 def make_model(**overrides) -> TinyForCausalLM:
@@ -76,7 +76,7 @@ def test_masks_survive_recovery_steps():
     model = make_model()
     masks = prune(model, "magnitude", 0.5)
     before = {name: layer.weight.clone() for name, layer in linear_layers(model).items()}
-    losses = finetune(model, calibration_ids(8), masks=masks, steps=3, lr=1e-2, batch_size=2)
+    losses = train_on_blocks(model, calibration_ids(8), masks=masks, steps=3, lr=1e-2, batch_size=2)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert sparsity(model) == 0.5
     for name, layer in linear_layers(model).items():
@@ -228,11 +228,29 @@ def test_impossible_structured_pruning_is_rejected():
 # ---------------------------------------------------------------------------------------------------------------------
 def test_script_writes_table_plot_and_a_reloadable_pruned_model(tiny_run_dir, tmp_path):
     results, out = tmp_path / "results", tmp_path / "pruned"
-    figures = prune_script.main([
-        "--model", str(tiny_run_dir), "--results", str(results), "--out", str(out), "--sparsities", "0.5",
-        "--recovery-steps", "2", "--batch-size", "2", "--calibration-blocks", "2", "--eval-blocks", "4",
-        "--no-progress", "--device", "cpu",
-    ])  # fmt: skip
+    figures = prune_script.main(
+        [
+            "--model",
+            str(tiny_run_dir),
+            "--results",
+            str(results),
+            "--out",
+            str(out),
+            "--sparsities",
+            "0.5",
+            "--recovery-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--calibration-blocks",
+            "2",
+            "--eval-blocks",
+            "4",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     for name in ("pruning.md", "pruning.json", "pruning.png"):
         assert (results / name).stat().st_size > 0, name
     rows = figures["results"]

@@ -178,10 +178,23 @@ def test_bitsandbytes_4bit_weights_are_within_4bit_error_on_cpu(tiny_lm_dir, var
 
 def test_script_compares_ours_with_bitsandbytes_and_reloads_saved_models(tiny_run_dir, tmp_path):
     variants = "fp32,bf16,ours-int8-channel,ours-int4,ours-int4-all,bnb-int8,bnb-nf4,bnb-nf4-dq,bnb-fp4"
-    figures = quantize_script.main([
-        "--model", str(tiny_run_dir), "--variants", variants, "--eval-blocks", "4", "--decode-tokens", "4",
-        "--results", str(tmp_path / "results"), "--save", str(tmp_path / "saved"), "--no-progress",
-    ])  # fmt: skip
+    figures = quantize_script.main(
+        [
+            "--model",
+            str(tiny_run_dir),
+            "--variants",
+            variants,
+            "--eval-blocks",
+            "4",
+            "--decode-tokens",
+            "4",
+            "--results",
+            str(tmp_path / "results"),
+            "--save",
+            str(tmp_path / "saved"),
+            "--no-progress",
+        ]
+    )
     rows = figures["variants"]
     assert list(rows) == variants.split(",")
     fp32 = rows["fp32"]

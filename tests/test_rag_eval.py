@@ -8,19 +8,17 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("bm25s")
-
-from rag import Encoder, RagIndex  # noqa: E402
-from rag.answer import Answer, answer, build_prompt, load_rouge_l, measure_answers  # noqa: E402
-from rag.evaluate import (  # noqa: E402
+from rag import Encoder, RagIndex
+from rag.answer import Answer, answer, build_prompt, measure_answers
+from rag.evaluate import (
     build_queries,
     evaluate_index,
     mean_metrics,
     rank_by_score,
-    ranking_metrics,
     rewrite_query,
 )
-from tiny_hf.corpus import stdlib_documents, topic_documents  # noqa: E402
+from tiny_hf.corpus import stdlib_documents, topic_documents
+from tiny_hf.metrics import load_rouge_l, ranking_metrics
 
 
 @pytest.fixture(scope="module")

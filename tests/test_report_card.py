@@ -1,4 +1,4 @@
-"""training/report_card.py --quick on a tiny configuration: the card's structure, not its numbers. Every section is
+"""report/card.py --quick on a tiny configuration: the card's structure, not its numbers. Every section is
 present with a source line, every image it links exists, every relative link resolves, and a missing source is said
 plainly instead of failing."""
 
@@ -8,14 +8,22 @@ from pathlib import Path
 
 import pytest
 
+from report import card as report_card
 from tiny_hf.bpe import train_tokenizer
 from tiny_hf.corpus import DOC_SEPARATOR, topic_documents
-from training import report_card
 
 ROOT = Path(__file__).resolve().parent.parent
-TITLES = ["Machine and versions", "Corpus and tokenizer", "Training curves and ablations",
-          "Validation loss and bits per byte", "Fine-tuning, SFT and alignment", "Quantization and pruning",
-          "Serving speed", "RAG recall", "Long context"]  # fmt: skip
+TITLES = [
+    "Machine and versions",
+    "Corpus and tokenizer",
+    "Training curves and ablations",
+    "Validation loss and bits per byte",
+    "Fine-tuning, SFT and alignment",
+    "Quantization and pruning",
+    "Serving speed",
+    "RAG recall",
+    "Long context",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +37,36 @@ def workspace(tmp_path_factory):
 
 
 def quick(workspace: Path, out: Path, results: Path, *extra: str) -> dict:
-    return report_card.main([
-        "--quick", "--strict", "--out", str(out), "--results", str(results), "--runs", str(workspace / "no-runs"),
-        "--max-steps", "6", *extra,
-        "--", "--data", str(workspace / "corpus.txt"), "--tokenizer", str(workspace / "tokenizer"),
-        "--cache-dir", str(workspace / "cache"), "--block-size", "32", "--eval-every", "3", "--val-fraction", "0.2",
-        "--no-progress", "--cpu",
-    ])  # fmt: skip
+    return report_card.main(
+        [
+            "--quick",
+            "--strict",
+            "--out",
+            str(out),
+            "--results",
+            str(results),
+            "--runs",
+            str(workspace / "no-runs"),
+            "--max-steps",
+            "6",
+            *extra,
+            "--",
+            "--data",
+            str(workspace / "corpus.txt"),
+            "--tokenizer",
+            str(workspace / "tokenizer"),
+            "--cache-dir",
+            str(workspace / "cache"),
+            "--block-size",
+            "32",
+            "--eval-every",
+            "3",
+            "--val-fraction",
+            "0.2",
+            "--no-progress",
+            "--cpu",
+        ]
+    )
 
 
 def links(markdown: str) -> list[str]:
@@ -56,8 +87,14 @@ def test_quick_card_has_every_section_and_its_links_resolve(workspace, tmp_path)
     validation = text.split("## Validation loss and bits per byte")[1].split("\n## ")[0]
     assert re.search(r"^\| 3 \|", validation, flags=re.M) and re.search(r"^\| 6 \|", validation, flags=re.M)
     assert "committed results" in text.split("## Quantization and pruning")[1]
-    for name in ("loss_curve.png", "val_bits_per_byte.png", "tokenizers.png", "ablations.png", "serving.png",
-                 "long_context_heatmap.png"):  # fmt: skip
+    for name in (
+        "loss_curve.png",
+        "val_bits_per_byte.png",
+        "tokenizers.png",
+        "ablations.png",
+        "serving.png",
+        "long_context_heatmap.png",
+    ):
         assert name in summary["images"] and (out / name).stat().st_size > 1000, name
     for target in links(text):
         if target.startswith("#"):

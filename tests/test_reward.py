@@ -19,11 +19,13 @@ def write_preferences(path, n: int = 80) -> None:
     rows = []
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
-        rows.append({
-            "prompt": [{"role": "user", "content": f"What is module {i} about?"}],
-            "chosen": [{"role": "assistant", "content": f"It works with {topic} and returns a new object."}],
-            "rejected": [{"role": "assistant", "content": " ".join(["the the"] * (3 + i % 4))}],
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is module {i} about?"}],
+                "chosen": [{"role": "assistant", "content": f"It works with {topic} and returns a new object."}],
+                "rejected": [{"role": "assistant", "content": " ".join(["the the"] * (3 + i % 4))}],
+            }
+        )
     path.write_text("\n".join(json.dumps(r) for r in rows))
 
 
@@ -58,11 +60,27 @@ def test_reward_model_learns_held_out_preferences_and_loads_without_tiny_hf(tiny
     write_preferences(data)
     out = tmp_path / "reward"
     extra = ["--lora", "--rank", "8", "--lr", "3e-3"] if lora else ["--lr", "1e-3"]
-    figures = reward.main([
-        "--model", str(tiny_lm_dir), "--data", str(data), "--out", str(out), "--max-steps", "30",
-        "--batch-size", "8", "--warmup-steps", "2", "--max-length", "128", "--results", str(tmp_path / "results"),
-        *extra,
-    ])  # fmt: skip
+    figures = reward.main(
+        [
+            "--model",
+            str(tiny_lm_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-steps",
+            "30",
+            "--batch-size",
+            "8",
+            "--warmup-steps",
+            "2",
+            "--max-length",
+            "128",
+            "--results",
+            str(tmp_path / "results"),
+            *extra,
+        ]
+    )
     assert figures["after"]["accuracy"] >= 0.9, figures
     assert figures["last_train_loss"] < figures["first_train_loss"]
     assert (out / "margins.png").stat().st_size > 0 and (tmp_path / "results" / "reward_model.md").exists()

@@ -270,8 +270,11 @@ def sample(model, temperature: float, max_new_tokens: int = 8, eos_at: int | Non
 
 def to_right_padded(sequences, attention_mask, mask):
     """The same rows with the padding moved to the end (prompt + response, then pads)."""
-    right_ids, right_attn, right_mask = (torch.full_like(sequences, PAD), torch.zeros_like(attention_mask),
-                                         torch.zeros_like(mask))  # fmt: skip
+    right_ids, right_attn, right_mask = (
+        torch.full_like(sequences, PAD),
+        torch.zeros_like(attention_mask),
+        torch.zeros_like(mask),
+    )
     for row in range(sequences.shape[0]):
         keep = attention_mask[row]
         n = int(keep.sum())
@@ -302,10 +305,13 @@ def test_generate_logprobs_equal_sequence_logprobs(build):
 
 @pytest.mark.parametrize(
     "build",
-    [lambda: TinyForCausalLM(tiny_config()), lambda: TinyForCausalLM(tiny_config(position_embedding="learned")),
-     tiny_llama],
+    [
+        lambda: TinyForCausalLM(tiny_config()),
+        lambda: TinyForCausalLM(tiny_config(position_embedding="learned")),
+        tiny_llama,
+    ],
     ids=["tiny-rope", "tiny-learned", "llama"],
-)  # fmt: skip
+)
 def test_left_and_right_padding_agree(build):
     # The whole PPO computation, once on the left-padded rollout layout and once with the same rows right-padded:
     # row 0 stops at an EOS (padding after it), row 1 has the shorter prompt. RoPE is blind to a constant shift of
@@ -434,7 +440,7 @@ BAD_CALLS = {
     "temperature 0": (
         lambda: policy_forward(None, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), 1, temperature=0.0),
         "temperature",
-    ),  # fmt: skip
+    ),
 }
 
 

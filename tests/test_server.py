@@ -48,13 +48,17 @@ class LiveServer:
             time.sleep(0.02)
 
     def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
-                             **kwargs)  # fmt: skip
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs
+        )
 
     def metrics(self) -> dict:
         text = httpx.get(self.url + "/metrics").text
-        return {line.split()[0][len("tiny_hf_") :]: float(line.split()[1]) for line in text.splitlines()
-                if line and not line.startswith("#")}  # fmt: skip
+        return {
+            line.split()[0][len("tiny_hf_") :]: float(line.split()[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
 
     def close(self):
         self.server.should_exit = True
@@ -76,8 +80,14 @@ def reference(tiny_lm_dir):
 
     def continuation(prompt_ids: list[int], max_tokens: int, stop_ids=(0,)) -> list[int]:
         ids = torch.tensor([prompt_ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=list(stop_ids),
+            pad_token_id=tokenizer.pad_token_id,
+        )
         return out[0, len(prompt_ids) :].tolist()
 
     continuation.tokenizer = tokenizer
@@ -128,8 +138,16 @@ def test_chat_and_streamed_chat_agree_with_generate(server, reference):
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == want
 
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == want
@@ -195,10 +213,15 @@ def test_prompt_over_the_window_is_400_context_length_exceeded(server):
 
 
 def test_malformed_requests_get_openai_error_bodies(server):
-    for body in (b"{not json", b'{"model": "tiny"}', b'{"model": "tiny", "messages": []}',
-                 b'{"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}'):  # fmt: skip
-        response = httpx.post(server.url + "/v1/chat/completions", content=body,
-                              headers={"Content-Type": "application/json"})  # fmt: skip
+    for body in (
+        b"{not json",
+        b'{"model": "tiny"}',
+        b'{"model": "tiny", "messages": []}',
+        b'{"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}',
+    ):
+        response = httpx.post(
+            server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
         assert response.status_code == 400, body
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and error["message"]
@@ -225,8 +248,9 @@ def test_full_queue_answers_429_and_others_complete(tiny_lm_dir):
 
         def ask(_):
             try:
-                out = client.completions.create(model="tiny", prompt="The", max_tokens=150, temperature=0,
-                                                extra_body={"ignore_eos": True})  # fmt: skip
+                out = client.completions.create(
+                    model="tiny", prompt="The", max_tokens=150, temperature=0, extra_body={"ignore_eos": True}
+                )
                 return out.usage.completion_tokens
             except openai.RateLimitError as error:
                 assert error.body["code"] == "queue_full"
@@ -276,11 +300,27 @@ def test_cli_serves_and_shuts_down_gracefully(tiny_lm_dir, tmp_path):
     """`python -m app.server` in its own process: SIGTERM while a stream is running lets it finish, then exits."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.server", "--model", str(tiny_lm_dir), "--port", str(port),
-         "--served-model-name", "tiny", "--max-seq-len", "256", "--shutdown-timeout", "60"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "app.server",
+            "--model",
+            str(tiny_lm_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--max-seq-len",
+            "256",
+            "--shutdown-timeout",
+            "60",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

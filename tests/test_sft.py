@@ -30,8 +30,10 @@ def test_pairs_and_split_are_deterministic_and_held_out_by_module(small_stdlib):
 
 
 def test_load_chat_dataset_reads_local_files_and_names_bad_columns(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(20)]  # fmt: skip
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(20)
+    ]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ds = load_chat_dataset(str(tmp_path / "chats.jsonl"), val_fraction=0.25)
     assert len(ds["train"]) == 15 and len(ds["test"]) == 5
@@ -77,9 +79,30 @@ def test_sft_lowers_the_held_out_loss_and_writes_the_report(tiny_run, tmp_path, 
     small = instruction_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
     monkeypatch.setattr(sft, "load_chat_dataset", lambda spec, max_examples=None: small)
     out = tmp_path / "sft"
-    figures = sft.main(["--model", str(tiny_run), "--out", str(out), "--max-steps", "30", "--batch-size", "4",
-                        "--max-length", "128", "--lr", "3e-3", "--eval-examples", "40", "--samples", "2",
-                        "--max-new-tokens", "8", "--results", str(tmp_path / "results")])  # fmt: skip
+    figures = sft.main(
+        [
+            "--model",
+            str(tiny_run),
+            "--out",
+            str(out),
+            "--max-steps",
+            "30",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "128",
+            "--lr",
+            "3e-3",
+            "--eval-examples",
+            "40",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--results",
+            str(tmp_path / "results"),
+        ]
+    )
     assert figures["held_out_loss_after"] < figures["held_out_loss_before"] - 0.5
     assert len(figures["samples"]) == 2
     assert (out / "model" / "config.json").exists() and (out / "summary.md").exists()

@@ -176,8 +176,17 @@ class SlotKVCache:
     special case.
     """
 
-    def __init__(self, *, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         shape = (num_slots, num_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -185,8 +194,9 @@ class SlotKVCache:
         self.max_len = max_len
         self._rows, self._batch_index, self._write_index, self._kv_len = slice(0, 0), None, None, 0
 
-    def bind(self, rows: slice | torch.Tensor, write_index: torch.Tensor, write_positions: torch.Tensor,
-             kv_len: int) -> None:  # fmt: skip
+    def bind(
+        self, rows: slice | torch.Tensor, write_index: torch.Tensor, write_positions: torch.Tensor, kv_len: int
+    ) -> None:
         """Prepare a forward over cache rows `rows` (a slice, or slot indices (B,)) whose new tokens go to
         `write_index` (B, Q)."""
         self._rows, self._write_index, self._kv_len = rows, write_index, kv_len
@@ -362,10 +372,21 @@ class Engine:
             no CUDA graphs. Costs a compilation per padded batch size on first use. Implies static_decode.
     """
 
-    def __init__(self, model, tokenizer=None, *, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 token_budget: int = 512, max_queue: int = 256, prefix_cache_tokens: int = 4096,
-                 window_policy: str = "reject", cuda_graphs: bool | None = None,
-                 static_decode: bool = False, compile: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        token_budget: int = 512,
+        max_queue: int = 256,
+        prefix_cache_tokens: int = 4096,
+        window_policy: str = "reject",
+        cuda_graphs: bool | None = None,
+        static_decode: bool = False,
+        compile: bool = False,
+    ):
         config = model.config
         for name in ("embed_tokens", "add_positions", "layers", "norm"):
             if not hasattr(getattr(model, "model", None), name) or not hasattr(model, "lm_head"):
@@ -389,8 +410,12 @@ class Engine:
             )
         if window_policy == "sliding" and max_seq_len < self.sliding_window + 16:
             raise ValueError(f"max_seq_len={max_seq_len} must exceed sliding_window={self.sliding_window} by >= 16")
-        for name, value in (("max_batch_size", max_batch_size), ("token_budget", token_budget),
-                            ("max_queue", max_queue), ("max_seq_len", max_seq_len)):  # fmt: skip
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("token_budget", token_budget),
+            ("max_queue", max_queue),
+            ("max_seq_len", max_seq_len),
+        ):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
 
@@ -429,8 +454,9 @@ class Engine:
                 "cuda_graphs=True needs the model on a CUDA device, and neither the sliding policy nor dynamic RoPE"
             )
         if compile and not static_ok:
-            raise ValueError("compile=True needs the static decode step, which the sliding policy and dynamic RoPE "
-                             "cannot use")  # fmt: skip
+            raise ValueError(
+                "compile=True needs the static decode step, which the sliding policy and dynamic RoPE cannot use"
+            )
         self.static_decode = (static_decode or self.cuda_graphs or compile) and static_ok
         self._graphs: dict[int, tuple] = {}  # padded batch size -> (graph, ids, positions, logits)
         if compile:
@@ -445,13 +471,26 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._aborted: set[str] = set()
         self._ids = itertools.count()
-        self.stats = {"requests": 0, "finished": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
-                      "generated_tokens": 0, "steps": 0}  # fmt: skip
+        self.stats = {
+            "requests": 0,
+            "finished": 0,
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "generated_tokens": 0,
+            "steps": 0,
+        }
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step, for tokens/s
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device: str | None = None, dtype: torch.dtype | None = None,
-                        trust_remote_code: bool = False, **kwargs) -> Engine:  # fmt: skip
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ) -> Engine:
         """Load a run folder or Hub id through the Auto classes: fp32 on CPU, bf16 on a GPU."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -462,13 +501,15 @@ class Engine:
         return cls(model.to(device), tokenizer, **kwargs)
 
     # -- requests -----------------------------------------------------------------------------------------------------
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:  # fmt: skip
+    def add_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         """Queue a request (text, or token ids); returns its id. Raises ContextWindowError or QueueFullError."""
         return self.enqueue(self.make_request(prompt, params, request_id))
 
-    def make_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                     request_id: str | None = None) -> _Request:  # fmt: skip
+    def make_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> _Request:
         """Tokenize and check a request against the window policy, without touching the engine's state (so another
         thread may call it while a step runs)."""
         params = params or SamplingParams()
@@ -591,8 +632,13 @@ class Engine:
             self.stats["prompt_tokens"] += len(request.prompt_ids)
             self.prefilling.append(request)
 
-    def _forward(self, rows: slice | torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                 last_index: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def _forward(
+        self,
+        rows: slice | torch.Tensor,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        last_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run the model on cache rows `rows` (a slice or slot indices) for input_ids/positions (B, Q), where position
         -1 marks a padding query; returns fp32 logits (B, V) of each row's query `last_index` (B,) (default: the last).
 
@@ -810,8 +856,11 @@ class Engine:
             safe = len(text) - max((len(s) - 1 for s in params.stop), default=0)
             delta = text[request.sent : max(safe, request.sent)]
             request.sent += len(delta)
-            outputs.append(RequestOutput(request.request_id, [token], delta, False, None, len(request.prompt_ids),
-                                         len(request.output_ids)))  # fmt: skip
+            outputs.append(
+                RequestOutput(
+                    request.request_id, [token], delta, False, None, len(request.prompt_ids), len(request.output_ids)
+                )
+            )
         return outputs
 
     def _decode_text(self, request: _Request, final: bool) -> str:
@@ -887,8 +936,9 @@ class Engine:
         )
 
     # -- conveniences -------------------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 | None = None) -> list[Completion]:  # fmt: skip
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[Completion]:
         """Run prompts to completion together (continuous batching); results in the order of `prompts`."""
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -968,8 +1018,9 @@ class EngineLoop:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None,
-               on_output: Callable[[RequestOutput], None]) -> str:  # fmt: skip
+    def submit(
+        self, prompt: str | Sequence[int], params: SamplingParams | None, on_output: Callable[[RequestOutput], None]
+    ) -> str:
         """Queue a request whose outputs go to `on_output` (called from the engine thread); returns its id.
         Raises ContextWindowError, QueueFullError or ValueError at once, and RuntimeError once shutting down."""
         request = self.engine.make_request(prompt, params)
@@ -1006,8 +1057,9 @@ class EngineLoop:
             if not finished:
                 self.abort(request_id)
 
-    async def astream(self, prompt: str | Sequence[int], params: SamplingParams | None = None
-                      ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+    async def astream(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """The same for asyncio: cancelling the consumer (a client that went away) aborts the request."""
         event_loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()

@@ -187,44 +187,6 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         model.get_submodule(name).weight.mul_(mask)
 
 
-def finetune(
-    model: nn.Module,
-    blocks: torch.Tensor,
-    *,
-    masks: dict[str, torch.Tensor] | None = None,
-    steps: int = 20,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    seed: int = 0,
-) -> list[float]:
-    """A short recovery fine-tune: `steps` AdamW steps of next-token loss on random `blocks` (N, T), masks kept.
-
-    Masked gradients are zeroed before clipping and the step (no Adam moments build up on dead weights, and they do
-    not eat the clipping budget), and the masks are re-applied after each step, so the sparsity is exactly kept.
-    Returns the loss of each step.
-    """
-    masks = masks or {}
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.train()
-    losses = []
-    for _ in range(steps):
-        ids = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)].to(device)  # (B, T)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        for name, mask in masks.items():
-            model.get_submodule(name).weight.grad.mul_(mask)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        apply_masks(model, masks)
-        losses.append(loss.item())
-    model.train(was_training)
-    return losses
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Structured pruning: remove heads and neurons, shrink the matrices and the config
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,8 +250,10 @@ def prune_heads(
             f"heads go, at least one must remain and the rest must divide hidden_size; allowed: {allowed}"
         )
     if config.position_embedding == "alibi":
-        raise ValueError("position_embedding='alibi' derives each head's slope from num_attention_heads: removing "
-                         "heads would change the slopes of the heads that stay")  # fmt: skip
+        raise ValueError(
+            "position_embedding='alibi' derives each head's slope from num_attention_heads: removing "
+            "heads would change the slopes of the heads that stay"
+        )
     layers = _blocks(model)
     names = [name for name in linear_layers(model) if name.endswith("self_attn.o_proj")]  # one per block, in order
     norms = input_norms(model, calibration, names, batch_size=batch_size)
@@ -359,7 +323,6 @@ def prune_neurons(
 __all__ = [
     "METHODS",
     "apply_masks",
-    "finetune",
     "input_norms",
     "linear_layers",
     "magnitude_2_4_mask",

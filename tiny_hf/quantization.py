@@ -334,3 +334,53 @@ def model_weight_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += tensor.nbytes
     return total
+
+
+def bnb_cpu_blocks(
+    model: torch.nn.Module, float_model: torch.nn.Module | None, *, portable: bool = False
+) -> torch.nn.Module:
+    """Make bitsandbytes' 4-bit layers compute what they should on CPU, in place; returns `model`.
+
+    bitsandbytes 0.50's CPU 4-bit kernels (the dequantization and the AVX512-BF16 packed matmul) find a value's block
+    per row, so they are right only when a layer's input width is a multiple of the block size (64): tiny-3m's 160
+    is not, and its NF4 weights came back with 25% relative error instead of 9% (perplexity doubled), or the packed
+    path failed (`shape '[160, 2]' is invalid`). Each such layer is quantized again from `float_model`'s weight in
+    the largest valid block size that divides its width (32 for 160), which the kernels handle. No-op on GPU.
+
+    `portable=True` also keeps every 4-bit layer off the packed path, which rounds the block scales to bf16 at the
+    first no-grad forward: a QLoRA model evaluated before training and its reloaded adapter would otherwise compute
+    with different scales.
+    """
+    import bitsandbytes as bnb
+
+    floats = dict(float_model.named_modules()) if float_model is not None else {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is None or weight.device.type != "cpu":
+            continue
+        if module.in_features % state.blocksize:
+            sizes = [b for b in (64, 32) if module.in_features % b == 0]
+            if not sizes or name not in floats:
+                raise ValueError(
+                    f"{name}: bitsandbytes' CPU 4-bit kernels need an input width that is a multiple of 32 or 64, "
+                    f"and in_features={module.in_features} is not (or no float model was given to re-quantize from)"
+                )
+            source = floats[name].weight.detach().float().contiguous()
+            data, new_state = bnb.functional.quantize_4bit(
+                source, blocksize=sizes[0], quant_type=state.quant_type, compress_statistics=state.nested
+            )
+            new_state.dtype = state.dtype
+            module.weight = bnb.nn.Params4bit(
+                data,
+                requires_grad=False,
+                quant_state=new_state,
+                blocksize=sizes[0],
+                compress_statistics=state.nested,
+                quant_type=state.quant_type,
+                module=module,
+                bnb_quantized=True,
+            )
+        if portable:
+            module.support_avx512bf16_for_cpu = False
+    return model

@@ -16,13 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from training import pretrain, report  # noqa: E402
+from training import pretrain, report
 
 # study -> variant -> config overrides. The first variant of each study is its baseline (the preset's default).
 STUDIES: dict[str, dict[str, list[str]]] = {
@@ -65,11 +61,32 @@ def main(argv=None) -> dict:
     if unknown or not studies:
         raise ValueError(f"--studies {args.studies!r}: {unknown or 'none given'}; choose from {sorted(STUDIES)}")
     common = [
-        "--data", args.data, "--model", args.model, "--max-steps", str(args.max_steps),
-        "--batch-size", str(args.batch_size), "--block-size", str(args.block_size), "--lr", str(args.lr),
-        "--seed", str(args.seed), "--cache-dir", str(args.cache_dir), "--eval-every", str(max(1, args.max_steps // 5)),
-        "--save-every", str(args.max_steps), "--keep-last", "1", "--sample-tokens", "20", "--no-progress",
-    ]  # fmt: skip
+        "--data",
+        args.data,
+        "--model",
+        args.model,
+        "--max-steps",
+        str(args.max_steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--block-size",
+        str(args.block_size),
+        "--lr",
+        str(args.lr),
+        "--seed",
+        str(args.seed),
+        "--cache-dir",
+        str(args.cache_dir),
+        "--eval-every",
+        str(max(1, args.max_steps // 5)),
+        "--save-every",
+        str(args.max_steps),
+        "--keep-last",
+        "1",
+        "--sample-tokens",
+        "20",
+        "--no-progress",
+    ]
     tokenizer = args.out / "tokenizer"
     results: dict[str, dict[str, dict]] = {}
     for study in studies:
@@ -120,8 +137,7 @@ def main(argv=None) -> dict:
     figures = {"setup": {k: str(v) for k, v in vars(args).items()}, "results": results}
     (args.out / "ablations.json").write_text(json.dumps(figures, indent=2) + "\n")
     if args.results is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-        from common import write_results
+        from tiny_hf.results import write_results
 
         write_results("ablations", figures, table, args.results)
         for study in results:

@@ -102,6 +102,16 @@ def load_documents(
     return datasets.DatasetDict(train=_text_dataset(train), validation=_text_dataset(validation))
 
 
+def training_texts(spec: str, val_fraction: float = 0.05, cache_dir: str | Path = "data") -> list[str]:
+    """The training split's texts of every source in a data spec (held-out documents stay out): what a tokenizer
+    is trained on."""
+    return [
+        doc["text"]
+        for source, _ in parse_data_spec(spec)
+        for doc in load_documents(source, val_fraction=val_fraction, cache_dir=cache_dir)["train"]
+    ]
+
+
 def _embedded_texts(cache_dir: Path, val_fraction: float) -> tuple[list[str], list[str]]:
     folder = cache_dir / "corpus"
     wanted = {"python": sys.version.split()[0], "include_code": False, "val_fraction": val_fraction}

@@ -44,10 +44,33 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     # tiny-3m with 128-token blocks: ~2.5M tokens in ~10 minutes on 2 CPU cores, about four passes over the corpus.
     summary = pretrain.main(
-        ["--data", "embedded", "--model", "tiny-3m", "--block-size", "128", "--batch-size", "32",
-         "--max-steps", str(args.max_steps), "--lr", "3e-3", "--warmup-steps", "30", "--eval-every", "100",
-         "--save-every", "100", "--seed", str(args.seed), "--out", str(args.out), "--resume", *args.pretrain_args]
-    )  # fmt: skip
+        [
+            "--data",
+            "embedded",
+            "--model",
+            "tiny-3m",
+            "--block-size",
+            "128",
+            "--batch-size",
+            "32",
+            "--max-steps",
+            str(args.max_steps),
+            "--lr",
+            "3e-3",
+            "--warmup-steps",
+            "30",
+            "--eval-every",
+            "100",
+            "--save-every",
+            "100",
+            "--seed",
+            str(args.seed),
+            "--out",
+            str(args.out),
+            "--resume",
+            *args.pretrain_args,
+        ]
+    )
     minutes = (time.perf_counter() - start) / 60
 
     model_dir = args.out / "model"
@@ -65,8 +88,15 @@ def main(argv=None) -> dict:
     samples = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, top_k=40, temperature=0.7,
-                             repetition_penalty=1.2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=True,
+            top_k=40,
+            temperature=0.7,
+            repetition_penalty=1.2,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         samples.append(tokenizer.decode(out[0], skip_special_tokens=True))
         print(f"  {samples[-1]!r}")
     print(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -42,26 +41,31 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-if __package__ in (None, ""):  # run as a script: make `training` and `tiny_hf` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tiny_hf  # registers the Auto classes
+from tiny_hf.lora import find_linear
+from tiny_hf.quantization import bnb_cpu_blocks
+from tiny_hf.runs import resolve_model
+from training.data import build_datasets, token_byte_lengths
+from training.evaluation import evaluate_lm, validation_set
 
-import tiny_hf  # noqa: E402  (registers the Auto classes)
-from app import resolve_model  # noqa: E402
-from tiny_hf.lora import find_linear  # noqa: E402
-from training.data import build_datasets, token_byte_lengths  # noqa: E402
-from training.evaluation import evaluate_lm, validation_set  # noqa: E402
-from training.quantize import bnb_cpu_blocks  # noqa: E402
-
-TASKS = {"causal-lm": (AutoModelForCausalLM, TaskType.CAUSAL_LM), "seq-cls": (AutoModelForSequenceClassification,
-         TaskType.SEQ_CLS)}  # fmt: skip
+TASKS = {
+    "causal-lm": (AutoModelForCausalLM, TaskType.CAUSAL_LM),
+    "seq-cls": (AutoModelForSequenceClassification, TaskType.SEQ_CLS),
+}
 _DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # attention + MLP
 # What `--target-modules auto` adapts, by config.model_type: every projection of attention and MLP (QLoRA's finding:
 # adapting all layers matters more than the rank). Other architectures get every linear layer but the head.
 TARGET_MODULES = {
-    "tiny": _DECODER, "llama": _DECODER, "mistral": _DECODER, "qwen2": _DECODER, "qwen3": _DECODER,
-    "gemma": _DECODER, "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"],
+    "tiny": _DECODER,
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
-}  # fmt: skip
+}
 HEADS = ("lm_head", "score", "classifier", "pre_classifier")  # output layers: never LoRA targets
 # PEFT trains `score`/`classifier` of a seq-cls model in full by itself; DistilBERT's new pre_classifier needs naming.
 EXTRA_HEADS = ("pre_classifier",)
@@ -69,8 +73,20 @@ LINEAR_TYPES = (torch.nn.Linear, Conv1D)  # GPT-2 uses Conv1D; bitsandbytes' Lin
 QUANTIZABLE_DTYPES = ("float32", "float16", "bfloat16", "float64")  # loaded as float32, then quantized
 
 # Sentiment of short synthetic reviews: a local, deterministic seq-cls task (label 1 = positive).
-SUBJECTS = ["the film", "this book", "the meal", "our trip", "the service", "the song", "that game", "the hotel",
-            "this phone", "the lecture", "the concert", "the coffee"]  # fmt: skip
+SUBJECTS = [
+    "the film",
+    "this book",
+    "the meal",
+    "our trip",
+    "the service",
+    "the song",
+    "that game",
+    "the hotel",
+    "this phone",
+    "the lecture",
+    "the concert",
+    "the coffee",
+]
 POSITIVE = ["wonderful", "great", "excellent", "delightful", "superb", "lovely", "brilliant", "enjoyable"]
 NEGATIVE = ["terrible", "awful", "boring", "dreadful", "poor", "disappointing", "horrible", "dull"]
 TEMPLATES = ["{s} was {a}.", "I found {s} {a}.", "Honestly, {s} is {a}.", "Everyone said {s} felt {a}."]
@@ -90,8 +106,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     lora.add_argument("--qlora", action="store_true", help="quantize the base to 4-bit NF4 (bitsandbytes)")
     lora.add_argument("--merge", action="store_true", help="also export the merged model to --out/merged")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default=None, help="causal-lm: a data spec (default: the run's, else 'embedded'); "
-                      "seq-cls: 'sentiment' (default) or a .jsonl/.csv with text,label")  # fmt: skip
+    data.add_argument(
+        "--data",
+        default=None,
+        help="causal-lm: a data spec (default: the run's, else 'embedded'); "
+        "seq-cls: 'sentiment' (default) or a .jsonl/.csv with text,label",
+    )
     data.add_argument("--block-size", type=int, default=None, help="causal-lm (default: the run's, else 128)")
     data.add_argument("--max-length", type=int, default=64, help="seq-cls: tokens per example")
     data.add_argument("--val-fraction", type=float, default=None, help="default: the run's, else 0.05")
@@ -131,8 +151,13 @@ def check_args(args: argparse.Namespace) -> None:
 # --- model -----------------------------------------------------------------------------------------------------------
 def bnb_config(skip_modules: list[str] | None) -> BitsAndBytesConfig:
     """QLoRA's recipe: NF4 weights, double quantization of the scales, float32 compute (CPU); heads stay float."""
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=skip_modules)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=skip_modules,
+    )
 
 
 def check_quantizable(source: str, config) -> None:
@@ -260,8 +285,13 @@ def accuracy(model, tokenizer, texts: list[str], labels: list[int], max_length: 
     model.eval()
     correct = 0
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")  # fmt: skip
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         predictions = model(**batch.to(model.device)).logits.argmax(-1).cpu()
         correct += (predictions == torch.tensor(labels[start : start + batch_size])).sum().item()
     model.train(was_training)
@@ -281,8 +311,14 @@ def lm_task(args: argparse.Namespace, run_dir: Path | None, tokenizer) -> tuple:
     block_size = args.block_size or run.get("block_size", 128)
     val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.05)
     data = args.data or run.get("data", "embedded")
-    train_ds, val_ds = build_datasets(data, tokenizer, block_size, seed=args.seed, val_fraction=val_fraction,
-                                      cache_dir=args.cache_dir or run.get("cache_dir", "data"))  # fmt: skip
+    train_ds, val_ds = build_datasets(
+        data,
+        tokenizer,
+        block_size,
+        seed=args.seed,
+        val_fraction=val_fraction,
+        cache_dir=args.cache_dir or run.get("cache_dir", "data"),
+    )
     if run_dir:  # the very blocks pretraining was evaluated on
         val_blocks, byte_lengths = validation_set(run_dir, tokenizer, max_blocks=args.eval_blocks)
     else:
@@ -354,8 +390,14 @@ def main(argv=None) -> dict:
     # 3. LoRA on the chosen layers.
     before = measure(base)
     extra_heads = [head for head in EXTRA_HEADS if any(name.endswith(head) for name, _ in base.named_modules())]
-    lora_config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
-                             task_type=TASKS[args.task][1], modules_to_save=extra_heads or None)  # fmt: skip
+    lora_config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=targets,
+        task_type=TASKS[args.task][1],
+        modules_to_save=extra_heads or None,
+    )
     model = get_peft_model(base, lora_config)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
@@ -363,12 +405,24 @@ def main(argv=None) -> dict:
 
     # 4. Train.
     training_args = TrainingArguments(
-        output_dir=str(args.out), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_scheduler_type="cosine",
-        weight_decay=args.weight_decay, logging_steps=args.log_every, save_strategy="no", report_to="none",
-        use_cpu=args.cpu or not torch.cuda.is_available(), bf16=False, seed=args.seed, data_seed=args.seed,
-        disable_tqdm=args.no_progress, remove_unused_columns=False, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(args.out),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=args.weight_decay,
+        logging_steps=args.log_every,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=args.cpu or not torch.cuda.is_available(),
+        bf16=False,
+        seed=args.seed,
+        data_seed=args.seed,
+        disable_tqdm=args.no_progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, data_collator=collator)
     trainer.train()
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
@@ -382,19 +436,34 @@ def main(argv=None) -> dict:
     reloaded = PeftModel.from_pretrained(load_base(args.qlora), adapter_dir)
     trained_logits = logits(model)
     summary = {
-        "model": args.model, "task": args.task, "data": data, "qlora": args.qlora, "target_modules": targets,
-        "rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "max_steps": args.max_steps,
-        "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,
-        "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-        "before": before, "after": after, "adapter_dir": str(adapter_dir),
+        "model": args.model,
+        "task": args.task,
+        "data": data,
+        "qlora": args.qlora,
+        "target_modules": targets,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "max_steps": args.max_steps,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100 * trainable / total,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "before": before,
+        "after": after,
+        "adapter_dir": str(adapter_dir),
         "reload_max_abs_diff": (logits(reloaded) - trained_logits).abs().max().item(),
-    }  # fmt: skip
+    }
     if args.merge:  # into a float32 base: with --qlora the merged model is the adapter over the unquantized weights
         merged = PeftModel.from_pretrained(load_base(False), adapter_dir).merge_and_unload()
         merged_dir = args.out / "merged"
         tiny_hf.save_model(merged, tokenizer, merged_dir)
-        summary.update(merged_dir=str(merged_dir), merged=measure(merged),
-                       merge_max_abs_diff=(logits(merged) - trained_logits).abs().max().item())  # fmt: skip
+        summary.update(
+            merged_dir=str(merged_dir),
+            merged=measure(merged),
+            merge_max_abs_diff=(logits(merged) - trained_logits).abs().max().item(),
+        )
     summary["wall_time_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

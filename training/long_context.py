@@ -26,22 +26,18 @@ import json
 import math
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import tiny_hf  # noqa: E402, F401  (registers the Auto classes)
-from app import resolve_model  # noqa: E402
-from bench.common import write_results  # noqa: E402
-from tiny_hf.pruning import finetune  # noqa: E402
-from training.data import build_datasets  # noqa: E402
+import tiny_hf  # noqa: F401 (registers the Auto classes)
+from tiny_hf.results import write_results
+from tiny_hf.runs import resolve_model
+from training.adapt import train_on_blocks
+from training.data import build_datasets
 
 SCALINGS = ("none", "linear", "dynamic", "yarn")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -150,8 +146,13 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], depths: list[float], 
             for _ in range(trials):
                 key = rng.randint(1000, 9999)
                 ids = torch.tensor([passkey_prompt(tokenizer, length, depth, key)])
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=6,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
                 hits += first_integer(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)) == key
             row.append(hits / trials)
         grid.append(row)
@@ -246,8 +247,9 @@ def main(argv=None) -> dict:
     longest = math.ceil(args.factor * trained)
     lengths = [max(16, round(float(x) * trained)) for x in args.lengths.split(",")]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data_args = dict(seed=run.get("seed", 0), val_fraction=run.get("val_fraction", 0.05),
-                     cache_dir=run.get("cache_dir", "data"))  # fmt: skip
+    data_args = dict(
+        seed=run.get("seed", 0), val_fraction=run.get("val_fraction", 0.05), cache_dir=run.get("cache_dir", "data")
+    )
     train_long, val_long = build_datasets(run["data"], tokenizer, longest, **data_args)
     blocks = torch.tensor(val_long["input_ids"][: args.eval_blocks], dtype=torch.long)
     if len(blocks) == 0:
@@ -257,20 +259,32 @@ def main(argv=None) -> dict:
         grid = passkey_accuracy(model, tokenizer, lengths, depths, args.trials, args.seed)
         within = [v for length, row in zip(lengths, grid, strict=True) if length <= trained for v in row]
         beyond = [v for length, row in zip(lengths, grid, strict=True) if length > trained for v in row]
-        return {"loss_by_position": loss_by_position(model, blocks, args.buckets), "passkey": grid,
-                "passkey_within": sum(within) / max(len(within), 1),
-                "passkey_beyond": sum(beyond) / max(len(beyond), 1)}  # fmt: skip
+        return {
+            "loss_by_position": loss_by_position(model, blocks, args.buckets),
+            "passkey": grid,
+            "passkey_within": sum(within) / max(len(within), 1),
+            "passkey_beyond": sum(beyond) / max(len(beyond), 1),
+        }
 
-    figures = {"model": args.model, "trained_length": trained, "factor": args.factor, "longest": longest,
-               "buckets": args.buckets, "eval_blocks": len(blocks), "passkey_lengths": lengths, "depths": depths,
-               "trials": args.trials, "variants": {}}  # fmt: skip
+    figures = {
+        "model": args.model,
+        "trained_length": trained,
+        "factor": args.factor,
+        "longest": longest,
+        "buckets": args.buckets,
+        "eval_blocks": len(blocks),
+        "passkey_lengths": lengths,
+        "depths": depths,
+        "trials": args.trials,
+        "variants": {},
+    }
     for name in names:
         print(f"measuring {name} ...")
         figures["variants"][name] = measure(load_variant(model_dir, name, args.factor, trained))
     if args.finetune_steps > 0:
         model = load_variant(model_dir, "linear", args.factor, trained)
         train_blocks = torch.tensor(train_long["input_ids"], dtype=torch.long)
-        losses = finetune(model, train_blocks, steps=args.finetune_steps, lr=args.finetune_lr, seed=args.seed)
+        losses = train_on_blocks(model, train_blocks, steps=args.finetune_steps, lr=args.finetune_lr, seed=args.seed)
         model.eval()
         figures["variants"]["linear+finetune"] = {**measure(model), "finetune_losses": losses}
     if args.alibi_model:

@@ -26,7 +26,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -40,22 +39,18 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-if __package__ in (None, ""):  # run as a script (`accelerate launch training/pretrain.py`): make `training` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import tiny_hf  # noqa: E402  (registers the Auto classes)
-from tiny_hf import TinyConfig, TinyForCausalLM  # noqa: E402
-from tiny_hf.bpe import train_tokenizer  # noqa: E402
-from tiny_hf.system import keep_freed_memory  # noqa: E402
-from training import report  # noqa: E402
-from training.data import (  # noqa: E402
+import tiny_hf  # registers the Auto classes
+from tiny_hf import TinyConfig, TinyForCausalLM
+from tiny_hf.bpe import train_tokenizer
+from tiny_hf.system import keep_freed_memory
+from training import report
+from training.data import (
     SequenceLengthSchedule,
     build_datasets,
-    load_documents,
-    parse_data_spec,
     token_byte_lengths,
+    training_texts,
 )
-from training.evaluation import loss_sums, metrics_from_sums  # noqa: E402
+from training.evaluation import loss_sums, metrics_from_sums
 
 SAMPLE_PROMPTS = ["The json module", "A list is", "To open a file"]
 
@@ -141,11 +136,7 @@ def build_tokenizer(args: argparse.Namespace, accelerator: Accelerator):
     tokenizer_dir = args.out / "tokenizer"
     with accelerator.main_process_first():  # rank 0 trains and saves; the others then load the same files
         if not (tokenizer_dir / "tokenizer.json").exists():
-            texts = [
-                doc["text"]
-                for source, _ in parse_data_spec(args.data)
-                for doc in load_documents(source, val_fraction=args.val_fraction, cache_dir=args.cache_dir)["train"]
-            ]
+            texts = training_texts(args.data, args.val_fraction, args.cache_dir)
             accelerator.print(f"training a {args.vocab_size}-token BPE tokenizer on {len(texts)} documents")
             train_tokenizer(texts, vocab_size=args.vocab_size).save_pretrained(tokenizer_dir)
         return AutoTokenizer.from_pretrained(tokenizer_dir)

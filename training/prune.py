@@ -18,23 +18,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import tiny_hf  # noqa: E402  (registers the "tiny" model type with the Auto classes)
-from tiny_hf import pruning  # noqa: E402
-from tiny_hf.modeling_tiny import MLPS  # noqa: E402
-from training.data import build_datasets  # noqa: E402
-from training.evaluation import evaluate_lm, validation_set  # noqa: E402
+import tiny_hf  # registers the "tiny" model type with the Auto classes
+from tiny_hf import pruning
+from tiny_hf.modeling_tiny import MLPS
+from training.adapt import train_on_blocks
+from training.data import build_datasets
+from training.evaluation import evaluate_lm, validation_set
 
 STRUCTURED = ("heads", "neurons", "heads+neurons")
 ALL_METHODS = (*pruning.METHODS, *STRUCTURED)
@@ -126,8 +123,15 @@ def plot(results: list[dict], baseline: dict, recovery_steps: int, out_png: Path
         rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["removed"])
         x = [r["removed"] for r in rows]
         color = f"C{i % 10}"
-        ax.plot(x, [r["val_perplexity"] for r in rows], color=color, marker="o", linestyle="--", alpha=0.6,
-                label=f"{method} (one-shot)" if not recovery_steps else None)  # fmt: skip
+        ax.plot(
+            x,
+            [r["val_perplexity"] for r in rows],
+            color=color,
+            marker="o",
+            linestyle="--",
+            alpha=0.6,
+            label=f"{method} (one-shot)" if not recovery_steps else None,
+        )
         if recovery_steps:
             y = [r["recovered"]["val_perplexity"] for r in rows]
             ax.plot(x, y, color=color, marker="o", linewidth=1.8, label=method)
@@ -161,9 +165,14 @@ def main(argv=None) -> dict:
     dense = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     run_config = json.loads((run / "run_config.json").read_text())
-    train, _ = build_datasets(run_config["data"], tokenizer, run_config["block_size"], seed=run_config.get("seed", 0),
-                              val_fraction=run_config.get("val_fraction", 0.05),
-                              cache_dir=run_config.get("cache_dir", "data"))  # fmt: skip
+    train, _ = build_datasets(
+        run_config["data"],
+        tokenizer,
+        run_config["block_size"],
+        seed=run_config.get("seed", 0),
+        val_fraction=run_config.get("val_fraction", 0.05),
+        cache_dir=run_config.get("cache_dir", "data"),
+    )
     train_blocks = torch.tensor(train["input_ids"], dtype=torch.long)  # (N, T)
     generator = torch.Generator().manual_seed(args.seed)
     calibration = train_blocks[torch.randperm(len(train_blocks), generator=generator)[: args.calibration_blocks]]
@@ -171,8 +180,15 @@ def main(argv=None) -> dict:
     dense_weights = linear_weights(dense)
 
     def recover(model, masks) -> dict:
-        pruning.finetune(model, train_blocks, masks=masks, steps=args.recovery_steps, lr=args.lr,
-                         batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+        train_on_blocks(
+            model,
+            train_blocks,
+            masks=masks,
+            steps=args.recovery_steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
         return evaluate_lm(model, val_blocks, byte_lengths)
 
     start = time.perf_counter()
@@ -252,8 +268,7 @@ def main(argv=None) -> dict:
         "saved": saved,
     }
     if args.results is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-        from common import write_results
+        from tiny_hf.results import write_results
 
         write_results("pruning", figures, table, args.results)
         plot(results, baseline, args.recovery_steps, args.results / "pruning.png", title)

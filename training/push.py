@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
@@ -29,11 +28,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-if __package__ in (None, ""):  # run as a script (`python training/push.py`): make `training` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import tiny_hf  # noqa: E402  (registers model_type "tiny" with the Auto classes)
-from training import report  # noqa: E402
+import tiny_hf  # registers model_type "tiny" with the Auto classes
+from training import report
 
 # Written into the staging folder so a later run may replace it; never uploaded. A non-empty folder without it is
 # not ours, and we refuse to delete it.

@@ -1,8 +1,8 @@
 """ROUGE-L and exact match as a local `evaluate` module (loads offline; the Hub's "rouge" needs the network and the
 rouge_score package).
 
-Load it with `evaluate.load("rag/metrics/rouge_l.py")` or `rag.answer.load_rouge_l()`. `evaluate` copies this file
-into its modules cache and imports it from there, so it stands alone: no imports from rag or tiny_hf.
+Load it with `evaluate.load("tiny_hf/metrics/rouge_l.py")` or `tiny_hf.metrics.load_rouge_l()`. `evaluate` copies
+this file into its modules cache and imports it from there, so it stands alone: no imports from rag or tiny_hf.
 """
 
 import re
@@ -30,7 +30,7 @@ Returns:
     rougeL_precision, rougeL_recall, rougeL_f1: means over the pairs.
     exact_match: share of pairs equal after normalisation.
 Example:
-    >>> metric = evaluate.load("rag/metrics/rouge_l.py")
+    >>> metric = evaluate.load("tiny_hf/metrics/rouge_l.py")
     >>> metric.compute(predictions=["the cat sat"], references=["the cat sat down"])["rougeL_recall"]
     0.75
 """

@@ -1,6 +1,6 @@
 """Language-model metrics as a local `evaluate` module: loss, perplexity and bits per byte.
 
-Load it with `evaluate.load("training/metrics/lm_metrics.py")` (or `training.metrics.load_lm_metric()`, which does
+Load it with `evaluate.load("tiny_hf/metrics/lm_metrics.py")` (or `tiny_hf.metrics.load_lm_metric()`, which does
 not depend on the working directory). Hub metrics such as `evaluate.load("perplexity")` need the network; a local
 script does not. `evaluate` copies this file into its modules cache and imports it from there, so it must stand
 alone: no imports from tiny_hf or training.
@@ -32,7 +32,7 @@ Returns:
     bits_per_byte: total nats / ln(2) / total bytes.
     num_tokens, num_bytes: the totals.
 Example:
-    >>> metric = evaluate.load("training/metrics/lm_metrics.py")
+    >>> metric = evaluate.load("tiny_hf/metrics/lm_metrics.py")
     >>> metric.add_batch(losses=[2.0, 4.0], num_tokens=[1, 2], num_bytes=[4, 8])
     >>> metric.compute()["loss"]
     2.0

@@ -1,4 +1,8 @@
-"""What every benchmark shares: a description of the machine, and writing figures as JSON plus a markdown table."""
+"""Results files: a description of the machine, and figures written as JSON plus a markdown table.
+
+Every stage and benchmark that reports figures writes them here; `bench/results/` (from the repository root) is the
+default folder.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import platform
 import re
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path("bench/results")
 
 
 def machine_info() -> dict:

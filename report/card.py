@@ -1,8 +1,8 @@
 """`make report`: one Markdown report card of the whole stack, with plots, in `report/REPORT.md`.
 
-    python -m training.report_card                  # gather from runs/ and bench/results; run what is missing
-    python -m training.report_card --quick          # a tiny model for a few steps + the committed results (< 5 min)
-    python -m training.report_card --quick -- --data notes/ --tokenizer my-tokenizer   # extra pretrain.py flags
+    python -m report.card                  # gather from runs/ and bench/results; run what is missing
+    python -m report.card --quick          # a tiny model for a few steps + the committed results (< 5 min)
+    python -m report.card --quick -- --data notes/ --tokenizer my-tokenizer   # extra pretrain.py flags
 
 Sections: machine and versions; corpus and tokenizer (bytes per token against WordPiece and Unigram); training
 curves and ablations; validation loss and bits per byte; fine-tuning, SFT and the alignment table; quantization and
@@ -35,28 +35,83 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `training` and `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from matplotlib.figure import Figure
 
-from matplotlib.figure import Figure  # noqa: E402
+from training.report import eval_records, plot_loss_curves, read_metrics, run_results
 
-from training.report import eval_records, plot_loss_curves, read_metrics, run_results  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 REPORT_FILE = "REPORT.md"
-VERSIONED = ("torch", "transformers", "tokenizers", "datasets", "accelerate", "peft", "trl", "bitsandbytes",
-             "safetensors", "evaluate")  # fmt: skip
+VERSIONED = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "accelerate",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "safetensors",
+    "evaluate",
+)
 # --quick: a 2-layer, 64-wide model on 64-token blocks with a 2,048-token tokenizer, 40 steps (~1 minute on 2 cores).
-QUICK_PRETRAIN = ["--data", "embedded", "--model", "tiny-1m", "--vocab-size", "2048", "--set", "hidden_size=64",
-                  "--set", "num_hidden_layers=2", "--set", "num_attention_heads=4", "--set", "intermediate_size=128",
-                  "--block-size", "64", "--batch-size", "8", "--warmup-steps", "5", "--eval-every", "20",
-                  "--eval-blocks", "8", "--log-every", "5", "--sample-tokens", "16",
-                  "--save-every", "100000"]  # fmt: skip
+QUICK_PRETRAIN = [
+    "--data",
+    "embedded",
+    "--model",
+    "tiny-1m",
+    "--vocab-size",
+    "2048",
+    "--set",
+    "hidden_size=64",
+    "--set",
+    "num_hidden_layers=2",
+    "--set",
+    "num_attention_heads=4",
+    "--set",
+    "intermediate_size=128",
+    "--block-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--warmup-steps",
+    "5",
+    "--eval-every",
+    "20",
+    "--eval-blocks",
+    "8",
+    "--log-every",
+    "5",
+    "--sample-tokens",
+    "16",
+    "--save-every",
+    "100000",
+]
 # Default mode, when there is no pretraining run: `make demo`'s recipe at a third of its steps (~3-5 minutes).
-SMALL_PRETRAIN = ["--data", "embedded", "--model", "tiny-3m", "--block-size", "128", "--batch-size", "32",
-                  "--lr", "3e-3", "--warmup-steps", "30", "--eval-every", "50", "--save-every", "100"]  # fmt: skip
-SMALL_QUANTIZE = ["--variants", "fp32,bf16,ours-int8-channel,ours-int4,ours-int4-all,bnb-int8,bnb-nf4",
-                  "--eval-blocks", "32", "--decode-tokens", "32"]  # fmt: skip
+SMALL_PRETRAIN = [
+    "--data",
+    "embedded",
+    "--model",
+    "tiny-3m",
+    "--block-size",
+    "128",
+    "--batch-size",
+    "32",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "30",
+    "--eval-every",
+    "50",
+    "--save-every",
+    "100",
+]
+SMALL_QUANTIZE = [
+    "--variants",
+    "fp32,bf16,ours-int8-channel,ours-int4,ours-int4-all,bnb-int8,bnb-nf4",
+    "--eval-blocks",
+    "32",
+    "--decode-tokens",
+    "32",
+]
 SMALL_LONG_CONTEXT = ["--finetune-steps", "20", "--eval-blocks", "8", "--trials", "2"]
 
 
@@ -65,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     sources = parser.add_argument_group("sources")
     sources.add_argument("--run", type=Path, default=Path("runs/demo"), help="the pretraining run folder to report")
     sources.add_argument("--runs", type=Path, default=Path("runs"), help="where the other stages' run folders are")
-    sources.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="committed results")
+    sources.add_argument("--results", type=Path, default=Path("bench/results"), help="committed results")
     budget = parser.add_argument_group("budget")
     budget.add_argument("--quick", action="store_true", help="train a tiny config; gather everything else")
     budget.add_argument("--gather-only", action="store_true", help="never run a missing stage (default mode)")
@@ -206,15 +261,22 @@ def version(package: str) -> str:
 
 
 def machine_section(card: Card, ctx: dict) -> Section:
-    from bench.common import machine_info
+    from tiny_hf.results import machine_info
 
     info = machine_info()
-    rows = [["date", info["date"]], ["CPU", f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch "
-            "threads)"], ["GPU", info["gpu"] or "none"], ["Python", info["python"]]]  # fmt: skip
+    rows = [
+        ["date", info["date"]],
+        ["CPU", f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"],
+        ["GPU", info["gpu"] or "none"],
+        ["Python", info["python"]],
+    ]
     rows += [[package, version(package)] for package in VERSIONED]
     body = table(["", ""], rows, "ll")
-    body += ["", f"Mode: {ctx['mode']}. Built in {{elapsed}}. Committed results name the machine they ran on; "
-             "ratios carry over between machines, absolute speeds do not."]  # fmt: skip
+    body += [
+        "",
+        f"Mode: {ctx['mode']}. Built in {{elapsed}}. Committed results name the machine they ran on; "
+        "ratios carry over between machines, absolute speeds do not.",
+    ]
     return Section("Machine and versions", "this machine, now", body)
 
 
@@ -244,15 +306,21 @@ def tokenizer_section(card: Card, ctx: dict) -> Section:
         figures = json.loads(path.with_suffix(".json").read_text())
         corpus = figures.get("corpus", {})
         if corpus:
-            body += [f"The embedded corpus (Python's own documentation): {corpus['train_docs']} training documents "
-                     f"({corpus['train_mb']:.2f} MB), {corpus['val_docs']} validation documents "
-                     f"({corpus['val_mb']:.2f} MB).", ""]  # fmt: skip
+            body += [
+                f"The embedded corpus (Python's own documentation): {corpus['train_docs']} training documents "
+                f"({corpus['train_mb']:.2f} MB), {corpus['val_docs']} validation documents "
+                f"({corpus['val_mb']:.2f} MB).",
+                "",
+            ]
         body += [tokenizer_plot(card, figures["results"]), ""]
         body += card.embed(path, "tokenizers")
         sources.append(committed(card, path))
     if not sources:
-        return Section("Corpus and tokenizer", "none", ["No pretraining run and no committed `tokenizers.md`: run "
-                       "`python bench/tokenizer_bench.py`."])  # fmt: skip
+        return Section(
+            "Corpus and tokenizer",
+            "none",
+            ["No pretraining run and no committed `tokenizers.md`: run `python bench/tokenizer_bench.py`."],
+        )
     return Section("Corpus and tokenizer", "; ".join(sources), body)
 
 
@@ -263,8 +331,10 @@ def tokenizer_plot(card: Card, results: list[dict]) -> str:
     ax = fig.add_subplot()
     width = 0.8 / len(vocabs)
     for j, vocab in enumerate(vocabs):
-        values = [next((r["bytes_per_token"] for r in results if r["tokenizer"] == n and r["vocab_size"] == vocab),
-                       0) for n in names]  # fmt: skip
+        values = [
+            next((r["bytes_per_token"] for r in results if r["tokenizer"] == n and r["vocab_size"] == vocab), 0)
+            for n in names
+        ]
         ax.bar([i + j * width for i in range(len(names))], values, width, label=f"vocab {vocab:,}")
     ax.set_xticks([i + width * (len(vocabs) - 1) / 2 for i in range(len(names))], names, fontsize=8)
     ax.set_ylabel("bytes per token (higher = shorter)")
@@ -281,13 +351,15 @@ def training_section(card: Card, ctx: dict) -> Section:
         results = run_results(records)
         config = json.loads((run / "run_config.json").read_text())
         model = json.loads((run / "model" / "config.json").read_text())
-        body += [f"`{run.name}`: {config.get('parameters', 0) / 1e6:.2f}M parameters ({model['num_hidden_layers']} "
-                 f"layers x {model['hidden_size']}, {model['position_embedding']}, {model['norm']}, {model['mlp']}), "
-                 f"{config['max_steps']} steps of {config['batch_size']} x {config['block_size']} tokens, lr "
-                 f"{config['lr']} ({config['schedule']}), {results.get('tokens', 0):,} tokens at "
-                 f"{results.get('tokens_per_s', 0):,.0f} tokens/s (median); final train loss "
-                 f"{results.get('final_train_loss', float('nan')):.3f}, {results['skipped_steps']} skipped steps.",
-                 ""]  # fmt: skip
+        body += [
+            f"`{run.name}`: {config.get('parameters', 0) / 1e6:.2f}M parameters ({model['num_hidden_layers']} "
+            f"layers x {model['hidden_size']}, {model['position_embedding']}, {model['norm']}, {model['mlp']}), "
+            f"{config['max_steps']} steps of {config['batch_size']} x {config['block_size']} tokens, lr "
+            f"{config['lr']} ({config['schedule']}), {results.get('tokens', 0):,} tokens at "
+            f"{results.get('tokens_per_s', 0):,.0f} tokens/s (median); final train loss "
+            f"{results.get('final_train_loss', float('nan')):.3f}, {results['skipped_steps']} skipped steps.",
+            "",
+        ]
         plot_loss_curves({run.name: records}, card.out / "loss_curve.png", title=f"pretraining: {run.name}")
         card.images.append("loss_curve.png")
         body += ["![training loss curve](loss_curve.png)", ""]
@@ -305,11 +377,18 @@ def training_section(card: Card, ctx: dict) -> Section:
         rows = []
         for study, variants in figures["results"].items():
             ranked = sorted(variants.items(), key=lambda kv: kv[1]["val_loss"])
-            rows.append([study, *(f"{n} {v['val_loss']:.3f}" for n, v in ranked[:1]),
-                         ", ".join(f"{n} {v['val_loss']:.3f}" for n, v in ranked[1:])])  # fmt: skip
+            rows.append(
+                [
+                    study,
+                    *(f"{n} {v['val_loss']:.3f}" for n, v in ranked[:1]),
+                    ", ".join(f"{n} {v['val_loss']:.3f}" for n, v in ranked[1:]),
+                ]
+            )
         body += table(["study", "best (val loss)", "the others"], rows, "lll")
-        body += ["", f"One seed and a short budget: differences under ~0.05 are noise. Full tables: "
-                 f"{card.link(path)}."]  # fmt: skip
+        body += [
+            "",
+            f"One seed and a short budget: differences under ~0.05 are noise. Full tables: {card.link(path)}.",
+        ]
         sources.append(committed(card, path))
     if not sources:
         return Section("Training curves and ablations", "none", ["No pretraining run and no committed ablations."])
@@ -339,8 +418,16 @@ def validation_section(card: Card, ctx: dict) -> Section:
     evals = eval_records(read_metrics(run))
     if not evals:
         return Section("Validation loss and bits per byte", "none", [f"`{run}` has no evaluation records."])
-    rows = [[fmt(r.get("step")), fmt(r.get("tokens")), fmt(r["val_loss"]), fmt(r.get("val_perplexity"), 1),
-             fmt(r.get("val_bits_per_byte"))] for r in evals]  # fmt: skip
+    rows = [
+        [
+            fmt(r.get("step")),
+            fmt(r.get("tokens")),
+            fmt(r["val_loss"]),
+            fmt(r.get("val_perplexity"), 1),
+            fmt(r.get("val_bits_per_byte")),
+        ]
+        for r in evals
+    ]
     fig = Figure(figsize=(6, 3), dpi=100)
     ax = fig.add_subplot()
     x_key = "tokens" if all("tokens" in r for r in evals) else "step"
@@ -350,9 +437,12 @@ def validation_section(card: Card, ctx: dict) -> Section:
     ax.grid(alpha=0.3)
     body = [card.figure(fig, "val_bits_per_byte.png", "validation bits per byte"), ""]
     body += table(["step", "tokens", "val loss (nats/token)", "perplexity", "bits per byte"], rows)
-    body += ["", "Bits per byte = loss x tokens / (bytes x ln 2): unlike perplexity it compares models with different "
-             "tokenizers. The validation documents never appear in training (split by a hash of each document's "
-             "id)."]  # fmt: skip
+    body += [
+        "",
+        "Bits per byte = loss x tokens / (bytes x ln 2): unlike perplexity it compares models with different "
+        "tokenizers. The validation documents never appear in training (split by a hash of each document's "
+        "id).",
+    ]
     return Section("Validation loss and bits per byte", f"this run ({card.link(run / 'metrics.jsonl')})", body)
 
 
@@ -383,10 +473,18 @@ def alignment_section(card: Card, ctx: dict) -> Section:
 
     add("LoRA (PEFT)", "lora", None, lm)
     add("QLoRA (NF4 base)", "qlora", None, lm)
-    add("LoRA sentiment classifier", "lora-sentiment", None,
-        lambda f: ["accuracy", pct(f["before"]["accuracy"]), pct(f["after"]["accuracy"])])  # fmt: skip
-    add("SFT", "sft", "sft", lambda f: ["held-out assistant loss", f"{f['held_out_loss_before']:.3f}",
-                                       f"{f['held_out_loss_after']:.3f}"])  # fmt: skip
+    add(
+        "LoRA sentiment classifier",
+        "lora-sentiment",
+        None,
+        lambda f: ["accuracy", pct(f["before"]["accuracy"]), pct(f["after"]["accuracy"])],
+    )
+    add(
+        "SFT",
+        "sft",
+        "sft",
+        lambda f: ["held-out assistant loss", f"{f['held_out_loss_before']:.3f}", f"{f['held_out_loss_after']:.3f}"],
+    )
     add(
         "SFT, verifiable task",
         "sft",
@@ -399,25 +497,55 @@ def alignment_section(card: Card, ctx: dict) -> Section:
         "reward_model",
         lambda f: ["held-out pair accuracy", pct(f["before"]["accuracy"]), pct(f["after"]["accuracy"])],
     )
-    add("DPO", "dpo", None, lambda f: ["held-out reward accuracy", pct(f.get("before", {}).get("accuracy")),
-                                       pct(f.get("after", {}).get("accuracy"))])  # fmt: skip
-    add("PPO", "ppo", None, lambda f: ["mean reward (KL to SFT)", fmt(f.get("first_reward")),
-                                       f"{fmt(f.get('last_reward'))} ({fmt(f.get('last_kl'))})"])  # fmt: skip
-    add("GRPO", "grpo", "grpo", lambda f: ["held-out exact match", pct(f.get("held_out_exact_match_before")),
-                                           pct(f.get("held_out_exact_match_after"))])  # fmt: skip
+    add(
+        "DPO",
+        "dpo",
+        None,
+        lambda f: [
+            "held-out reward accuracy",
+            pct(f.get("before", {}).get("accuracy")),
+            pct(f.get("after", {}).get("accuracy")),
+        ],
+    )
+    add(
+        "PPO",
+        "ppo",
+        None,
+        lambda f: [
+            "mean reward (KL to SFT)",
+            fmt(f.get("first_reward")),
+            f"{fmt(f.get('last_reward'))} ({fmt(f.get('last_kl'))})",
+        ],
+    )
+    add(
+        "GRPO",
+        "grpo",
+        "grpo",
+        lambda f: [
+            "held-out exact match",
+            pct(f.get("held_out_exact_match_before")),
+            pct(f.get("held_out_exact_match_after")),
+        ],
+    )
     body = table(["stage", "starts from", "measure", "before", "after", "figures"], rows, "lllrrl")
-    body += ["", "Fine-tuning rows come from `training/finetune.py`, the rest from `alignment/` (SFT, then the "
-             "reward model, DPO, PPO and GRPO from the SFT model). A row marked not run has neither a run folder nor "
-             "committed results."]  # fmt: skip
+    body += [
+        "",
+        "Fine-tuning rows come from `training/finetune.py`, the rest from `alignment/` (SFT, then the "
+        "reward model, DPO, PPO and GRPO from the SFT model). A row marked not run has neither a run folder nor "
+        "committed results.",
+    ]
     for name in ("alignment.md",):
         path = results_file(ctx["results"], name) or results_file(ctx["runs"] / "compare", name)
         if path is not None:
             body += ["", "### The alignment methods side by side", ""] + card.embed(path, "alignment")
             sources.append(committed(card, path) if path.parent == ctx["results"] else "compare")
         else:
-            body += ["", "The side-by-side comparison of the alignment methods (`alignment/compare.py --results "
-                     "bench/results`, which writes `bench/results/alignment.md`) has not been run: no "
-                     "`alignment.md`."]  # fmt: skip
+            body += [
+                "",
+                "The side-by-side comparison of the alignment methods (`alignment/compare.py --results "
+                "bench/results`, which writes `bench/results/alignment.md`) has not been run: no "
+                "`alignment.md`.",
+            ]
     margins = ctx["runs"] / "reward" / "margins.png"
     margins = margins if margins.is_file() else results_file(ctx["results"], "reward_margins.png")
     if margins is not None:
@@ -440,8 +568,7 @@ def compression_section(card: Card, ctx: dict) -> Section:
         body += card.embed(path, "quantization")
         sources.append(f"this run ({card.link(path)})" if path == own else committed(card, path))
     else:
-        body += ["No quantization results: run `python training/quantize.py --model "
-                 "runs/demo`."]  # fmt: skip
+        body += ["No quantization results: run `python training/quantize.py --model runs/demo`."]
     path = results_file(ctx["results"], "pruning.md")
     if path is not None:
         body += [""] + card.embed(path, "pruning")
@@ -487,12 +614,26 @@ def rag_section(card: Card, ctx: dict) -> Section:
     if path is None:
         return Section("RAG recall", "none", ["No retrieval results: run `python bench/rag_bench.py`."])
     quality = json.loads(path.with_suffix(".json").read_text())["quality"]
-    names = {"bm25": "BM25 (ours)", "dense": "dense MiniLM (ours)", "hybrid": "hybrid RRF (ours)",
-             "bm25s": "bm25s (peer)", "st": "sentence-transformers (peer)"}  # fmt: skip
-    rows = [[names.get(k, k), *(fmt(v[m]) for m in ("recall@1", "recall@5", "recall@10", "mrr@10")),
-             fmt(v.get("queries_per_s"), 0)] for k, v in quality["retrievers"].items()]  # fmt: skip
-    body = [f"{quality['queries']} held-out queries over {quality['chunks']} chunks of {quality['documents']} "
-            "documents of the embedded corpus, one relevant chunk per query.", ""]  # fmt: skip
+    names = {
+        "bm25": "BM25 (ours)",
+        "dense": "dense MiniLM (ours)",
+        "hybrid": "hybrid RRF (ours)",
+        "bm25s": "bm25s (peer)",
+        "st": "sentence-transformers (peer)",
+    }
+    rows = [
+        [
+            names.get(k, k),
+            *(fmt(v[m]) for m in ("recall@1", "recall@5", "recall@10", "mrr@10")),
+            fmt(v.get("queries_per_s"), 0),
+        ]
+        for k, v in quality["retrievers"].items()
+    ]
+    body = [
+        f"{quality['queries']} held-out queries over {quality['chunks']} chunks of {quality['documents']} "
+        "documents of the embedded corpus, one relevant chunk per query.",
+        "",
+    ]
     body += table(["retriever", "recall@1", "recall@5", "recall@10", "MRR@10", "queries/s"], rows)
     body += ["", f"BM25 speed against bm25s and exact dense search at scale: {card.link(path)}."]
     return Section("RAG recall", committed(card, path), body)
@@ -503,8 +644,11 @@ def long_context_section(card: Card, ctx: dict) -> Section:
     own = run / "long_context" / "long_context.md" if run is not None else None
     path = own if own is not None and own.is_file() else results_file(ctx["results"], "long_context.md")
     if path is None:
-        return Section("Long context", "none", ["No long-context results: run `python training/long_context.py "
-                       "--model runs/demo`."])  # fmt: skip
+        return Section(
+            "Long context",
+            "none",
+            ["No long-context results: run `python training/long_context.py --model runs/demo`."],
+        )
     figures = json.loads(path.with_suffix(".json").read_text())
     variants = figures["variants"]
     names = list(variants)
@@ -532,9 +676,17 @@ def long_context_section(card: Card, ctx: dict) -> Section:
     return Section("Long context", source, body)
 
 
-SECTIONS: list[Callable[[Card, dict], Section]] = [machine_section, tokenizer_section, training_section,
-    validation_section, alignment_section, compression_section, serving_section, rag_section,
-    long_context_section]  # fmt: skip
+SECTIONS: list[Callable[[Card, dict], Section]] = [
+    machine_section,
+    tokenizer_section,
+    training_section,
+    validation_section,
+    alignment_section,
+    compression_section,
+    serving_section,
+    rag_section,
+    long_context_section,
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -551,8 +703,19 @@ def pretrain_run(args: argparse.Namespace, train_out: Path) -> Path:
     recipe, steps = (QUICK_PRETRAIN, 40) if args.quick else (SMALL_PRETRAIN, 200)
     steps = args.max_steps or steps
     print(f"report: pretraining {steps} steps into {train_out}")
-    pretrain.main([*recipe, "--max-steps", str(steps), "--seed", str(args.seed), "--out", str(train_out),
-                   "--resume", *args.pretrain_args])  # fmt: skip
+    pretrain.main(
+        [
+            *recipe,
+            "--max-steps",
+            str(steps),
+            "--seed",
+            str(args.seed),
+            "--out",
+            str(train_out),
+            "--resume",
+            *args.pretrain_args,
+        ]
+    )
     return train_out
 
 
@@ -562,8 +725,10 @@ def run_missing_stages(run: Path, strict: bool) -> list[str]:
     from training import long_context, quantize
 
     rope = json.loads((run / "model" / "config.json").read_text()).get("position_embedding") == "rope"
-    stages = [("quantization", quantize.main, SMALL_QUANTIZE, True),
-              ("long_context", long_context.main, SMALL_LONG_CONTEXT, rope)]  # fmt: skip
+    stages = [
+        ("quantization", quantize.main, SMALL_QUANTIZE, True),
+        ("long_context", long_context.main, SMALL_LONG_CONTEXT, rope),
+    ]
     ran = []
     for name, stage_main, flags, applies in stages:
         if not applies or (run / name / f"{name}.json").is_file():
@@ -583,9 +748,16 @@ def run_missing_stages(run: Path, strict: bool) -> list[str]:
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
 def render(sections: list[Section], title: str, elapsed: str) -> str:
-    lines = [f"# {title}", "", "Generated by `make report` (`training/report_card.py`). Each section says where its "
-             "figures come from: *this run* (measured from run folders on this machine) or *committed results* "
-             "(`bench/results`, measured earlier on the machine they name).", "", "## Contents", ""]  # fmt: skip
+    lines = [
+        f"# {title}",
+        "",
+        "Generated by `make report` (`report/card.py`). Each section says where its "
+        "figures come from: *this run* (measured from run folders on this machine) or *committed results* "
+        "(`bench/results`, measured earlier on the machine they name).",
+        "",
+        "## Contents",
+        "",
+    ]
     lines += [f"{i}. [{s.title}](#{anchor(s.title)})" for i, s in enumerate(sections, start=1)]
     for section in sections:
         lines += ["", f"## {section.title}", "", f"*Source: {section.source}.*", ""]
@@ -643,8 +815,9 @@ def main(argv=None) -> dict:
             title = build.__name__.removesuffix("_section").replace("_", " ").capitalize()
             failed.append(title)
             print(f"report: section {title!r} failed: {type(error).__name__}: {error}", file=sys.stderr)
-            sections.append(Section(title, "failed", [f"This section could not be built: `{type(error).__name__}: "
-                                                      f"{error}`."]))  # fmt: skip
+            sections.append(
+                Section(title, "failed", [f"This section could not be built: `{type(error).__name__}: {error}`."])
+            )
     elapsed = time.perf_counter() - started
     from training.report import format_duration
 
@@ -653,8 +826,14 @@ def main(argv=None) -> dict:
     if temporary is not None:
         temporary.cleanup()
     print(f"report: wrote {out / REPORT_FILE} with {len(card.images)} images in {format_duration(elapsed)}")
-    return {"report": out / REPORT_FILE, "sections": [s.title for s in sections], "images": card.images,
-            "failed": failed, "ran": ran, "seconds": elapsed}  # fmt: skip
+    return {
+        "report": out / REPORT_FILE,
+        "sections": [s.title for s in sections],
+        "images": card.images,
+        "failed": failed,
+        "ran": ran,
+        "seconds": elapsed,
+    }
 
 
 if __name__ == "__main__":

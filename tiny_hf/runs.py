@@ -1,0 +1,37 @@
+"""Run folders: where a stage's `--model` loads from.
+
+A training stage writes a run folder with the exported model in `model/` beside its report files (summary.json,
+metrics.jsonl, plots); every later stage takes a run folder, a model folder or a Hub id for `--model`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_SUBFOLDER = "model"  # where training/pretrain.py exports the model inside a run folder
+
+
+def resolve_model(model: str) -> tuple[str, list[Path]]:
+    """Where to load `model` from, and the folders to look in for the run's report files.
+
+    A local run folder (one with a `model/` subfolder) loads that subfolder; a local model folder loads itself
+    (a pushed model keeps the report files beside its weights, a run folder's `model/` has them one level up);
+    anything else is passed on as a Hub id.
+    """
+    path = Path(model).expanduser()
+    if (path / MODEL_SUBFOLDER / "config.json").is_file():
+        return str(path / MODEL_SUBFOLDER), [path]
+    if (path / "config.json").is_file():
+        return str(path), [path, path.parent]
+    if path.exists():
+        raise FileNotFoundError(f"the folder has neither config.json nor {MODEL_SUBFOLDER}/config.json")
+    return model, []
+
+
+def model_path(flag: str, name: str) -> str:
+    """Where a stage's `--model` / `--reward-model` loads from (`resolve_model`: a run folder's model/, a model
+    folder or a Hub id); a local folder without a model in it is a ValueError that names the flag."""
+    try:
+        return resolve_model(name)[0]
+    except FileNotFoundError as error:
+        raise ValueError(f"{flag} {name}: {error}") from None

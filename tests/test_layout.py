@@ -168,3 +168,31 @@ def test_cli_lists_the_stages_and_rejects_an_unknown_one(capsys):
         cli.main(["pretrian"])
     assert stop.value.code == 2
     assert "invalid choice: 'pretrian'" in capsys.readouterr().err
+
+
+def test_stage_options_come_from_dataclasses_a_yaml_file_and_the_command_line(tmp_path):
+    from dataclasses import dataclass, field
+
+    from tiny_hf.options import parse_options
+
+    @dataclass
+    class Library:
+        learning_rate: float = 5e-5
+        max_steps: int = -1
+
+    @dataclass
+    class Ours:
+        data: str = field(default="embedded", metadata={"help": "what to train on"})
+
+    config = tmp_path / "stage.yaml"
+    config.write_text("max_steps: 40\ndata: notes.jsonl\n")
+    lib, ours = parse_options(Library, Ours, argv=[], defaults={"learning_rate": 1e-3})
+    assert (lib.learning_rate, lib.max_steps, ours.data) == (1e-3, -1, "embedded")  # the stage's default wins
+    lib, ours = parse_options(Library, Ours, argv=["--config", str(config), "--max-steps", "7"])
+    assert (lib.max_steps, ours.data) == (7, "notes.jsonl")  # the file, then the command line
+    config.write_text("max_step: 40\n")
+    with pytest.raises(SystemExit) as stop:
+        parse_options(Library, Ours, argv=["--config", str(config)])
+    assert stop.value.code == 2
+    with pytest.raises(ValueError, match="no option has"):
+        parse_options(Library, argv=[], defaults={"lr": 1.0})

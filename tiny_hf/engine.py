@@ -352,6 +352,9 @@ def fit_messages(tokenizer, messages: list[dict], *, budget: int, policy: str) -
 # ---------------------------------------------------------------------------------------------------------------------
 # Engine
 # ---------------------------------------------------------------------------------------------------------------------
+ENGINE_MODULES = ("embed_tokens", "add_positions", "layers", "norm")  # what the engine calls on model.model
+
+
 class Engine:
     """Continuous-batching inference for a `TinyForCausalLM` (see the module docstring for what a model needs).
 
@@ -372,6 +375,12 @@ class Engine:
             no CUDA graphs. Costs a compilation per padded batch size on first use. Implies static_decode.
     """
 
+    @staticmethod
+    def supports(model) -> bool:
+        """Whether the engine can run `model`: a TinyForCausalLM-style LM (its layers, norm and positions reachable)."""
+        inner = getattr(model, "model", None)
+        return all(hasattr(inner, name) for name in ENGINE_MODULES) and hasattr(model, "lm_head")
+
     def __init__(
         self,
         model,
@@ -388,12 +397,11 @@ class Engine:
         compile: bool = False,
     ):
         config = model.config
-        for name in ("embed_tokens", "add_positions", "layers", "norm"):
-            if not hasattr(getattr(model, "model", None), name) or not hasattr(model, "lm_head"):
-                raise TypeError(
-                    f"the engine runs TinyForCausalLM-style models (model.model.{name} is missing on "
-                    f"{type(model).__name__}); use model.generate() for this one"
-                )
+        if not self.supports(model):
+            raise TypeError(
+                f"the engine runs TinyForCausalLM-style models (model.model needs {list(ENGINE_MODULES)} and the "
+                f"model an lm_head; {type(model).__name__} lacks them): use model.generate() for this one"
+            )
         if window_policy not in WINDOW_POLICIES:
             raise ValueError(f"window_policy={window_policy!r} is not one of {list(WINDOW_POLICIES)}")
         self.sliding_window = getattr(config, "sliding_window", None)

@@ -21,9 +21,24 @@ def build_parser(*types: type, description: str | None = None) -> HfArgumentPars
     return parser
 
 
-def parse_options(*types: type, argv: list[str] | None = None, description: str | None = None) -> tuple[Any, ...]:
-    """One instance of each dataclass in `types` from `argv` (and the `--config` YAML file, if given)."""
+def parse_options(
+    *types: type, argv: list[str] | None = None, description: str | None = None, defaults: dict | None = None
+) -> tuple[Any, ...]:
+    """One instance of each dataclass in `types` from `argv` (and the `--config` YAML file, if given).
+
+    Args:
+        types: The option dataclasses (a library's config, such as TRL's `SFTConfig`, and the stage's own).
+        argv: The command line after the stage name (default: `sys.argv[1:]`).
+        description: The `--help` text above the options (the stage's module docstring).
+        defaults: The stage's own defaults for library fields, where they differ from the library's: the one place
+            a stage sets them (the YAML file and the command line override them, in that order).
+    """
     parser = build_parser(*types, description=description)
+    if defaults:
+        unknown = sorted(set(defaults) - {action.dest for action in parser._actions})
+        if unknown:
+            raise ValueError(f"defaults for fields no option has: {unknown}")
+        parser.set_defaults(**defaults)
     first, _ = parser.parse_known_args(argv)
     if first.config is not None:
         parser.set_defaults(**_read_config(parser, first.config))

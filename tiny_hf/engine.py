@@ -377,7 +377,7 @@ class Engine:
 
     @staticmethod
     def supports(model) -> bool:
-        """Whether the engine can run `model`: a TinyForCausalLM-style LM (its layers, norm and positions reachable)."""
+        """Whether the engine can run `model`: a TinyForCausalLM-style LM (layers, norm and positions reachable)."""
         inner = getattr(model, "model", None)
         return all(hasattr(inner, name) for name in ENGINE_MODULES) and hasattr(model, "lm_head")
 

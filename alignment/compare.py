@@ -1,6 +1,6 @@
 """One comparison of the alignment methods, from the same SFT start, on the same held-out prompts.
 
-    python alignment/compare.py --sft runs/sft --reward-model runs/reward \\
+    tiny-hf compare --sft runs/sft --reward-model runs/reward \\
         --policy docs:DPO=runs/cmp/dpo --policy docs:PPO=runs/cmp/ppo-docs \\
         --policy verifiable:GRPO=runs/cmp/grpo-verifiable ... \\
         --trajectory "PPO=runs/cmp/ppo-docs" --trajectory "PPO, KL coef 0=runs/cmp/ppo-docs-kl0" \\
@@ -25,63 +25,88 @@ independent metric stops or falls (Gao et al. 2022); a run with KL coefficient 0
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import tiny_hf  # noqa: F401 (registers the "tiny" model type)
-from alignment.data import _subset, exact_match_reward, preference_dataset, verifiable_dataset
-from alignment.grpo import greedy_answers
-from alignment.ppo import build_batch, generate_responses, make_engine, stop_token_id
+from alignment.data import exact_match_reward, preference_dataset, stable_subset, verifiable_dataset
+from alignment.ppo import build_batch, stop_token_id
 from alignment.reward import rewards
 from alignment.rl import sequence_logprobs
+from tiny_hf.chat import Reply, chat_generate, encode_prompts
 from tiny_hf.metrics import load_rouge_l
+from tiny_hf.options import parse_options
 from tiny_hf.results import markdown_cell, write_results
 from tiny_hf.runs import model_path
 
 TASKS = ("docs", "verifiable")
 PLOT_FILE = "alignment_overoptimization.png"
+# Tokens per answer to a verifiable question (a module name or a number).
+VERIFIABLE_TOKENS = 16
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    models = parser.add_argument_group("models")
-    models.add_argument("--sft", default="runs/sft", help="the SFT run every method started from")
-    models.add_argument("--reward-model", default="runs/reward", help="the reward model (alignment/reward.py)")
-    models.add_argument(
-        "--policy",
-        action="append",
-        default=[],
-        metavar="TASK:NAME=RUN",
-        help=f"a trained policy; TASK ({'/'.join(TASKS)}): what it trained on",
+@dataclass
+class CompareOptions:
+    """The runs to compare, how many held-out prompts to measure them on, and where the table goes."""
+
+    # models
+    sft: str = field(default="runs/sft", metadata={"help": "the SFT run every method started from"})
+    reward_model: str = field(default="runs/reward", metadata={"help": "the reward model (alignment/reward.py)"})
+    policy: list[str] = field(
+        default_factory=list,
+        metadata={
+            "action": "append",
+            "metavar": "TASK:NAME=RUN",
+            "help": f"a trained policy (repeat the flag for more); TASK ({'/'.join(TASKS)}): what it trained on",
+        },
     )
-    models.add_argument(
-        "--trajectory",
-        action="append",
-        default=[],
-        metavar="NAME=RUN",
-        help="a PPO run whose checkpoints are evaluated along the run (the over-optimisation plot)",
+    trajectory: list[str] = field(
+        default_factory=list,
+        metadata={
+            "action": "append",
+            "metavar": "NAME=RUN",
+            "help": "a PPO run whose checkpoints are evaluated along the run (the over-optimisation plot)",
+        },
     )
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--docs-examples", type=int, default=64, help="held-out docs prompts")
-    evaluation.add_argument("--verifiable-examples", type=int, default=None, help="held-out questions (default all)")
-    evaluation.add_argument("--kl-examples", type=int, default=64, help="prompts per task for the KL estimate")
-    evaluation.add_argument("--max-new-tokens", type=int, default=48, help="tokens per docs answer")
-    evaluation.add_argument("--best-of-n", type=int, default=8, help="n for best-of-n with the reward model; 0 = off")
-    evaluation.add_argument("--reward-max-length", type=int, default=512)
-    evaluation.add_argument("--seed", type=int, default=0)
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/compare"), help="alignment.json/.md and the plot")
-    out.add_argument("--results", type=Path, default=None, help="also write alignment.md/.json + plot here")
-    args = parser.parse_args(argv)
-    args.policies = [parse_policy(spec) for spec in args.policy]
-    args.trajectories = [parse_named(spec, "--trajectory") for spec in args.trajectory]
-    return args
+    # evaluation
+    docs_examples: int = field(default=64, metadata={"help": "held-out docs prompts"})
+    verifiable_examples: int | None = field(default=None, metadata={"help": "held-out questions (default all)"})
+    kl_examples: int = field(default=64, metadata={"help": "prompts per task for the KL estimate"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens per docs answer"})
+    best_of_n: int = field(default=8, metadata={"help": "n for best-of-n with the reward model; 0 = off"})
+    reward_max_length: int = field(default=512, metadata={"help": "tokens the reward model reads per answer"})
+    seed: int = field(default=0, metadata={"help": "seeds the sampled answers (KL, best-of-n)"})
+    # output
+    out: Path = field(default=Path("runs/compare"), metadata={"help": "alignment.json/.md and the plot"})
+    results: Path | None = field(default=None, metadata={"help": "also write alignment.md/.json + plot here"})
+
+    def __post_init__(self):
+        # argparse gives one list per `--policy` (it takes one or more values each); a --config file, strings
+        self.policy = _flatten(self.policy)
+        self.trajectory = _flatten(self.trajectory)
+
+    @property
+    def policies(self) -> list[tuple[str, str, str]]:
+        return [parse_policy(spec) for spec in self.policy]
+
+    @property
+    def trajectories(self) -> list[tuple[str, str]]:
+        return [parse_named(spec, "--trajectory") for spec in self.trajectory]
+
+
+def _flatten(values: list) -> list[str]:
+    return [v for group in values for v in ([group] if isinstance(group, str) else group)]
+
+
+def parse_args(argv: list[str] | None = None) -> CompareOptions:
+    (options,) = parse_options(CompareOptions, argv=argv, description=__doc__)
+    return options
 
 
 def parse_named(spec: str, flag: str) -> tuple[str, str]:
@@ -99,19 +124,20 @@ def parse_policy(spec: str) -> tuple[str, str, str]:
     return task, name, run
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(options: CompareOptions) -> None:
     for name in ("docs_examples", "kl_examples", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    if args.best_of_n < 0 or args.best_of_n == 1:
-        raise ValueError(f"--best-of-n={args.best_of_n}: 0 (off) or at least 2")
-    names = [name for _, name, _ in args.policies]
+        if getattr(options, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(options, name)} must be at least 1")
+    if options.best_of_n < 0 or options.best_of_n == 1:
+        raise ValueError(f"--best-of-n={options.best_of_n}: 0 (off) or at least 2")
+    policies, trajectories = options.policies, options.trajectories
+    names = [name for _, name, _ in policies]
     if len(set(names)) < len(names) or "SFT" in names:
         raise ValueError(f"--policy names must be unique and not 'SFT' (the start): {names}")
-    for _, name, run in [*args.policies, *((None, n, r) for n, r in args.trajectories)]:
+    for _, name, run in [*policies, *((None, n, r) for n, r in trajectories)]:
         if not Path(run).exists():
             raise ValueError(f"{name}: no such run or model folder {run}")
-    for name, run in args.trajectories:
+    for name, run in trajectories:
         if not sorted((Path(run) / "checkpoints").glob("step-*")):
             raise ValueError(f"--trajectory {name}: {run} has no checkpoints/step-N (a PPO run with --save-every)")
 
@@ -137,38 +163,34 @@ def training_minutes(run: str) -> float | None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------------------------------
-def prompt_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
-    return [
-        list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False))
-        for r in rows
-    ]
+def greedy(model, tokenizer, rows: list[dict], max_new_tokens: int) -> list[str]:
+    """Greedy answers to the rows' chat prompts, ending at the end of the turn."""
+    replies = chat_generate(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=max_new_tokens)
+    return [reply.text for reply in replies]
 
 
-@torch.no_grad()
-def sample(model, tokenizer, rows: list[dict], *, max_new_tokens: int, seed: int, n: int = 1) -> list[list[int]]:
-    """n sampled answers (temperature 1, token ids with the stop token) per row, row-major; seeded per request."""
-    stop_id = stop_token_id(tokenizer, None)
-    ids = [p for p in prompt_ids(tokenizer, rows) for _ in range(n)]
-    seeds = [seed * 1_000_003 + i for i in range(len(ids))]
-    engine = make_engine(model, tokenizer, min(len(ids), 64))
-    return generate_responses(
+def sample(model, tokenizer, rows: list[dict], *, max_new_tokens: int, seed: int, n: int = 1) -> list[Reply]:
+    """n sampled answers (temperature 1) per row, row-major, ending at the policy's stop token (PPO's); one seed per
+    request, so an answer does not depend on the batch it ran in."""
+    prompts = [r["prompt"] for r in rows for _ in range(n)]
+    return chat_generate(
         model,
         tokenizer,
-        ids,
+        prompts,
         max_new_tokens=max_new_tokens,
         temperature=1.0,
-        stop_id=stop_id,
-        seeds=seeds,
-        engine=engine,
+        seeds=[seed * 1_000_003 + i for i in range(len(prompts))],
+        stop_ids=[stop_token_id(tokenizer, None)],
+        batch_size=64,
     )
 
 
 @torch.no_grad()
 def kl_to_reference(policy, reference, tokenizer, rows: list[dict], *, max_new_tokens: int, seed: int) -> float:
     """Mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t) on one answer y ~ pi per prompt (nats per answer)."""
-    responses = sample(policy, tokenizer, rows, max_new_tokens=max_new_tokens, seed=seed)
+    responses = [r.token_ids for r in sample(policy, tokenizer, rows, max_new_tokens=max_new_tokens, seed=seed)]
     stop_id = stop_token_id(tokenizer, None)
-    ids = prompt_ids(tokenizer, rows)
+    ids = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     total = 0.0
     for start in range(0, len(rows), 32):
         input_ids, attention_mask, response_mask, _ = build_batch(
@@ -178,11 +200,6 @@ def kl_to_reference(policy, reference, tokenizer, rows: list[dict], *, max_new_t
         theirs = sequence_logprobs(reference, input_ids, attention_mask, response_mask)
         total += (ours - theirs).sum().item()
     return total / len(rows)
-
-
-def texts_of(tokenizer, responses: list[list[int]]) -> list[str]:
-    stop_id = stop_token_id(tokenizer, None)
-    return [tokenizer.decode([t for t in r if t != stop_id], skip_special_tokens=True).strip() for r in responses]
 
 
 class Judge:
@@ -224,36 +241,35 @@ def verifiable_metrics(answers: list[str], rows: list[dict]) -> dict:
     return {"exact_match": sum(scores) / len(scores), "by_kind": by_kind}
 
 
-def evaluate_policy(model, tokenizer, reference, judge: Judge, data: dict, args, *, verifiable: bool = True) -> dict:
+def evaluate_policy(
+    model, tokenizer, reference, judge: Judge, data: dict, options, *, verifiable: bool = True
+) -> dict:
+    """Greedy answers to the docs prompts (scored by the judge) and, with `verifiable`, to the verifiable questions
+    (exact match), and KL to the reference on each task."""
     start = time.perf_counter()
-    docs_answers = greedy_answers(model, tokenizer, [r["prompt"] for r in data["docs"]], args.max_new_tokens)
-    result = {"docs": docs_metrics(judge, tokenizer, data["docs"], docs_answers), "docs_answers": docs_answers}
+    docs, questions, n = data["docs"], data["verifiable"], options.kl_examples
+    docs_answers = greedy(model, tokenizer, docs, options.max_new_tokens)
+    result = {"docs": docs_metrics(judge, tokenizer, docs, docs_answers), "docs_answers": docs_answers}
     result["kl_docs"] = kl_to_reference(
-        model,
-        reference,
-        tokenizer,
-        data["docs"][: args.kl_examples],
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+        model, reference, tokenizer, docs[:n], max_new_tokens=options.max_new_tokens, seed=options.seed
     )
     if verifiable:
-        answers = greedy_answers(model, tokenizer, [r["prompt"] for r in data["verifiable"]], 16)
-        result["verifiable"] = verifiable_metrics(answers, data["verifiable"])
+        answers = greedy(model, tokenizer, questions, VERIFIABLE_TOKENS)
+        result["verifiable"] = verifiable_metrics(answers, questions)
         result["verifiable_answers"] = answers
         result["kl_verifiable"] = kl_to_reference(
-            model, reference, tokenizer, data["verifiable"][: args.kl_examples], max_new_tokens=16, seed=args.seed
+            model, reference, tokenizer, questions[:n], max_new_tokens=VERIFIABLE_TOKENS, seed=options.seed
         )
     result["eval_seconds"] = time.perf_counter() - start
     return result
 
 
-def best_of_n(model, tokenizer, judge: Judge, rows: list[dict], args) -> dict:
+def best_of_n(model, tokenizer, judge: Judge, rows: list[dict], options) -> dict:
     """SFT samples n answers per prompt; the reward model keeps its favourite."""
     start = time.perf_counter()
-    n = args.best_of_n
-    texts = texts_of(
-        tokenizer, sample(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, seed=args.seed, n=n)
-    )
+    n = options.best_of_n
+    replies = sample(model, tokenizer, rows, max_new_tokens=options.max_new_tokens, seed=options.seed, n=n)
+    texts = [r.text for r in replies]
     scores = judge.scores([r for r in rows for _ in range(n)], texts)
     best = [max(range(i * n, (i + 1) * n), key=lambda j: scores[j]) for i in range(len(rows))]
     answers = [texts[j] for j in best]
@@ -265,11 +281,11 @@ def best_of_n(model, tokenizer, judge: Judge, rows: list[dict], args) -> dict:
     }
 
 
-def trajectory(name: str, run: str, reference, judge: Judge, data: dict, args) -> list[dict]:
+def trajectory(name: str, run: str, reference, judge: Judge, data: dict, options) -> list[dict]:
     points = []
     for checkpoint in sorted((Path(run) / "checkpoints").glob("step-*")):
         model, tokenizer = load_policy(str(checkpoint))
-        result = evaluate_policy(model, tokenizer, reference, judge, data, args, verifiable=False)
+        result = evaluate_policy(model, tokenizer, reference, judge, data, options, verifiable=False)
         step = int(checkpoint.name.removeprefix("step-"))
         points.append({"step": step, "kl": result["kl_docs"], **result["docs"]})
         print(
@@ -310,7 +326,6 @@ def _num(value, fmt: str) -> str:
 
 
 def summary_markdown(figures: dict) -> str:
-    rows = figures["rows"]
     lines = [
         "# Alignment: one comparison from the same SFT start",
         "",
@@ -320,6 +335,23 @@ def summary_markdown(figures: dict) -> str:
         f"it) of greedy answers; exact match of greedy answers; KL(policy || SFT) in nats per sampled answer "
         f"({figures['kl_prompts']} prompts per task); length in tokens.",
         "",
+        *_methods_table(figures["rows"]),
+    ]
+    if figures.get("tied_groups"):
+        lines += [
+            "",
+            "Share of GRPO/RLOO prompt groups whose rewards all tie (zero advantage: no signal): "
+            + ", ".join(f"{k} {v:.0%}" for k, v in figures["tied_groups"].items())
+            + ".",
+        ]
+    if figures.get("trajectories"):
+        lines += ["", f"![over-optimisation]({PLOT_FILE})", "", *_trajectory_table(figures["trajectories"])]
+    lines += ["", *_sample_tables(figures, [row["name"] for row in figures["rows"]])]
+    return "\n".join(lines) + "\n"
+
+
+def _methods_table(rows: list[dict]) -> list[str]:
+    lines = [
         "| method | trained on | RM score (docs) | ROUGE-L (docs) | exact match: modules / sums "
         "| KL docs / verifiable | length (docs) | train min |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -332,30 +364,22 @@ def summary_markdown(figures: dict) -> str:
             f"| {row['name']} | {row['trained_on']} | {row['docs']['reward']:.3f} | {row['docs']['rouge_l']:.3f} | "
             f"{em_cell} | {kl} | {row['docs']['length']:.1f} | {_num(row.get('minutes'), '.1f')} |"
         )
-    if figures.get("tied_groups"):
+    return lines
+
+
+def _trajectory_table(trajectories: dict[str, list[dict]]) -> list[str]:
+    lines = ["| run | step | KL | RM score | ROUGE-L | length |", "|---|---:|---:|---:|---:|---:|"]
+    for name, points in trajectories.items():
         lines += [
-            "",
-            "Share of GRPO/RLOO prompt groups whose rewards all tie (zero advantage: no signal): "
-            + ", ".join(f"{k} {v:.0%}" for k, v in figures["tied_groups"].items())
-            + ".",
+            f"| {name} | {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} | {p['rouge_l']:.3f} | {p['length']:.1f} |"
+            for p in points
         ]
-    if figures.get("trajectories"):
-        lines += [
-            "",
-            f"![over-optimisation]({PLOT_FILE})",
-            "",
-            "| run | step | KL | RM score | ROUGE-L | length |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for name, points in figures["trajectories"].items():
-            lines += [
-                f"| {name} | {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} | {p['rouge_l']:.3f} | "
-                f"{p['length']:.1f} |"
-                for p in points
-            ]
-    names = [row["name"] for row in rows]
-    lines += [
-        "",
+    return lines
+
+
+def _sample_tables(figures: dict, names: list[str]) -> list[str]:
+    """The greedy answers of every method to a few held-out docs prompts and verifiable questions."""
+    lines = [
         "Greedy answers to held-out docs prompts:",
         "",
         "| question | true summary | " + " | ".join(names) + " |",
@@ -381,47 +405,64 @@ def summary_markdown(figures: dict) -> str:
             + " | ".join(markdown_cell(sample[n], 30) for n in with_verifiable)
             + " |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    check_args(args)
-    torch.manual_seed(args.seed)
-    docs = list(preference_dataset()["test"])
-    docs = _subset(docs, args.docs_examples, key=lambda r: r["id"])
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage: setup, evaluate every method, finish
+# ---------------------------------------------------------------------------------------------------------------------
+def held_out_data(options: CompareOptions) -> dict:
+    """The same held-out docs prompts and verifiable questions for every method (fixed subsets by hash of the id)."""
+    docs = stable_subset(list(preference_dataset()["test"]), options.docs_examples, key=lambda r: r["id"])
     verifiable = list(verifiable_dataset()["test"])
-    verifiable = _subset(verifiable, args.verifiable_examples, key=lambda r: r["id"])
-    data = {"docs": docs, "verifiable": verifiable}
-    judge = Judge(args.reward_model, args.reward_max_length)
-    reference, tokenizer = load_policy(args.sft)
+    return {"docs": docs, "verifiable": stable_subset(verifiable, options.verifiable_examples, key=lambda r: r["id"])}
 
-    rows = []
+
+def evaluate_methods(options: CompareOptions, data: dict, judge: Judge, reference, tokenizer) -> tuple[list, dict]:
+    """One row per method (SFT, best-of-n, each policy) and the tied-group share each GRPO/RLOO run recorded."""
     print("SFT ...")
-    sft = evaluate_policy(reference, tokenizer, reference, judge, data, args)
-    rows.append({"name": "SFT", "trained_on": "start", "minutes": training_minutes(args.sft), **sft})
-    if args.best_of_n:
-        print(f"best-of-{args.best_of_n} ...")
-        best = best_of_n(reference, tokenizer, judge, docs, args)
-        rows.append({"name": f"best-of-{args.best_of_n}", "trained_on": "docs (RM, inference only)", **best})
+    sft = evaluate_policy(reference, tokenizer, reference, judge, data, options)
+    rows = [{"name": "SFT", "trained_on": "start", "minutes": training_minutes(options.sft), **sft}]
+    if options.best_of_n:
+        print(f"best-of-{options.best_of_n} ...")
+        best = best_of_n(reference, tokenizer, judge, data["docs"], options)
+        rows.append({"name": f"best-of-{options.best_of_n}", "trained_on": "docs (RM, inference only)", **best})
     tied = {}
-    for task, name, run in args.policies:
+    for task, name, run in options.policies:
         print(f"{name} ({run}) ...")
         model, policy_tokenizer = load_policy(run)
-        result = evaluate_policy(model, policy_tokenizer, reference, judge, data, args)
+        result = evaluate_policy(model, policy_tokenizer, reference, judge, data, options)
         rows.append({"name": name, "trained_on": task, "run": run, "minutes": training_minutes(run), **result})
         summary = Path(run) / "summary.json"
         if summary.exists() and json.loads(summary.read_text()).get("tied_group_share") is not None:
             tied[name] = json.loads(summary.read_text())["tied_group_share"]
-    trajectories = {name: trajectory(name, run, reference, judge, data, args) for name, run in args.trajectories}
+    return rows, tied
 
-    figures = {
-        "sft": args.sft,
-        "reward_model": args.reward_model,
+
+def main(argv: list[str] | None = None) -> dict:
+    options = parse_args(argv)
+    check_args(options)
+    torch.manual_seed(options.seed)
+    data = held_out_data(options)
+    judge = Judge(options.reward_model, options.reward_max_length)
+    reference, tokenizer = load_policy(options.sft)
+
+    rows, tied = evaluate_methods(options, data, judge, reference, tokenizer)
+    trajectories = {name: trajectory(name, run, reference, judge, data, options) for name, run in options.trajectories}
+    figures = comparison_figures(options, data, rows, tied, trajectories)
+    write_comparison(options, figures, start=rows[0]["docs"])
+    return figures
+
+
+def comparison_figures(options: CompareOptions, data: dict, rows: list, tied: dict, trajectories: dict) -> dict:
+    docs, verifiable = data["docs"], data["verifiable"]
+    return {
+        "sft": options.sft,
+        "reward_model": options.reward_model,
         "docs_prompts": len(docs),
         "verifiable_questions": len(verifiable),
-        "kl_prompts": args.kl_examples,
-        "best_of_n": args.best_of_n,
+        "kl_prompts": options.kl_examples,
+        "best_of_n": options.best_of_n,
         "rows": [{k: v for k, v in row.items() if not k.endswith("_answers")} for row in rows],
         "tied_groups": tied,
         "trajectories": trajectories,
@@ -442,19 +483,21 @@ def main(argv=None) -> dict:
             for i in range(0, len(verifiable), max(1, len(verifiable) // 6))[:6]  # spread over modules and sums
         ],
     }
+
+
+def write_comparison(options: CompareOptions, figures: dict, start: dict) -> None:
+    """alignment.json/.md (and the over-optimisation plot, starting at the SFT point `start`) under --out, and
+    under --results when given."""
     table = summary_markdown(figures)
-    args.out.mkdir(parents=True, exist_ok=True)
-    targets = [args.out] + ([args.results] if args.results is not None else [])
-    for target in targets:
+    for target in [options.out] + ([options.results] if options.results is not None else []):
         target.mkdir(parents=True, exist_ok=True)
-        if trajectories:
-            plot_trajectories(trajectories, sft["docs"] | {"kl": 0.0}, target / PLOT_FILE)
-    (args.out / "alignment.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (args.out / "alignment.md").write_text(table)
-    if args.results is not None:
-        write_results("alignment", figures, table, args.results)
+        if figures["trajectories"]:
+            plot_trajectories(figures["trajectories"], start | {"kl": 0.0}, target / PLOT_FILE)
+    (options.out / "alignment.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (options.out / "alignment.md").write_text(table)
+    if options.results is not None:
+        write_results("alignment", figures, table, options.results)
     print(table)
-    return figures
 
 
 if __name__ == "__main__":

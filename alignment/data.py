@@ -36,7 +36,7 @@ from pathlib import Path
 
 import datasets
 
-from tiny_hf.corpus import SKIP_DIRS, _stable_fraction
+from tiny_hf.corpus import SKIP_DIRS, stable_fraction
 
 REJECTION_KINDS = ("other", "truncated", "repetitive")
 # What pretraining holds out by default (training/pretrain.py --val-fraction): the verifiable task asks only about
@@ -65,11 +65,18 @@ def _stable_index(text: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % n
 
 
-def _subset(items: list, max_examples: int | None, key: Callable[[object], str]) -> list:
-    """A fixed pseudo-random subset of `max_examples` items (by a hash of `key`), in `key` order; all when None."""
+def stable_subset(items: list, max_examples: int | None, key: Callable[[object], str]) -> list:
+    """A fixed pseudo-random subset of `max_examples` items (the lowest `stable_fraction` of `key`), in `key` order;
+    all when None. The one way the alignment stages sample a quick run's data or an evaluation set."""
     if max_examples is None:
         return items
-    return sorted(sorted(items, key=lambda item: _stable_fraction(key(item)))[:max_examples], key=key)
+    return sorted(sorted(items, key=lambda item: stable_fraction(key(item)))[:max_examples], key=key)
+
+
+def held_out_split(key: str, val_fraction: float) -> str:
+    """The split of a row: "test" (held out) when `stable_fraction(key)` falls under `val_fraction`, else "train".
+    Every DatasetDict here names its held-out split "test", as TRL and `train_test_split` do."""
+    return "test" if stable_fraction(key) < val_fraction else "train"
 
 
 def docstring_pairs(stdlib_dir: str | None = None) -> list[dict]:
@@ -123,11 +130,10 @@ def instruction_dataset(
         stdlib_dir: Read this folder instead of the running interpreter's standard library (tests).
     """
     pairs = docstring_pairs(stdlib_dir)
-    pairs = _subset(pairs, max_examples, key=lambda p: p["name"])
+    pairs = stable_subset(pairs, max_examples, key=lambda p: p["name"])
     rows = {"train": [], "test": []}
     for pair in pairs:
-        split = "test" if _stable_fraction(f"stdlib/{pair['module']}") < val_fraction else "train"
-        rows[split].append(
+        rows[_split_of(pair, val_fraction)].append(
             {
                 "id": pair["name"],
                 "module": pair["module"],
@@ -209,8 +215,9 @@ def load_chat_dataset(spec: str, val_fraction: float = 0.05, max_examples: int |
 
 
 def _split_of(pair: dict, val_fraction: float) -> str:
-    """The instruction data's split rule: a pair is held out when pretraining held out its module."""
-    return "test" if _stable_fraction(f"stdlib/{pair['module']}") < val_fraction else "train"
+    """The instruction data's split rule: a pair is held out when pretraining held out its module (the key
+    `tiny_hf.corpus` gives the module's document)."""
+    return held_out_split(f"stdlib/{pair['module']}", val_fraction)
 
 
 def _rejected(pair: dict, kind: str, everyone: list[dict]) -> str:
@@ -236,7 +243,7 @@ def preference_dataset(
     assistant turn each), plus `kind` (which REJECTION_KINDS made the rejected answer), `id` and `module`.
     Held out: the same modules as the instruction data. Chosen never equals rejected."""
     pairs = docstring_pairs(stdlib_dir)
-    pairs = _subset(pairs, max_examples, key=lambda p: p["name"])
+    pairs = stable_subset(pairs, max_examples, key=lambda p: p["name"])
     rows = {"train": [], "test": []}
     for pair in pairs:
         kind = REJECTION_KINDS[_stable_index(pair["name"] + "/kind", len(REJECTION_KINDS))]
@@ -291,11 +298,10 @@ def verifiable_dataset(
         for a in range(ARITHMETIC_MAX + 1)
         for b in range(ARITHMETIC_MAX + 1)
     ]
-    questions = _subset(questions, max_examples, key=lambda q: q[0])
+    questions = stable_subset(questions, max_examples, key=lambda q: q[0])
     rows = {"train": [], "test": []}
     for id_, kind, question, answer, completion in questions:
-        split = "test" if _stable_fraction("verifiable/" + id_) < val_fraction else "train"
-        rows[split].append(
+        rows[held_out_split("verifiable/" + id_, val_fraction)].append(
             {
                 "id": id_,
                 "kind": kind,

@@ -1,10 +1,14 @@
 """Direct preference optimization (DPO): prefer the chosen answers of preference pairs, against the SFT model, with
 TRL's `DPOTrainer`.
 
-    python alignment/dpo.py --model runs/sft --out runs/dpo                        # the embedded docs preferences
-    python alignment/dpo.py --model runs/sft --out runs/dpo-lora --lora            # LoRA: no second model in memory
-    python alignment/dpo.py --model runs/sft --loss-type ipo --beta 0.5            # another loss TRL's DPOConfig knows
-    accelerate launch alignment/dpo.py --model runs/sft --data prefs.jsonl         # any TRL preference data
+    tiny-hf dpo --model runs/sft --out runs/dpo                         # the embedded docs preferences
+    tiny-hf dpo --model runs/sft --out runs/dpo-lora --lora             # LoRA: no second model in memory
+    tiny-hf dpo --model runs/sft --loss-type ipo --beta 0.5             # another loss TRL's DPOConfig knows
+    accelerate launch -m alignment.dpo --model runs/sft --data prefs.jsonl   # any TRL preference data
+
+Options: every field of TRL's `DPOConfig` (`--loss-type`, `--beta`, `--label-smoothing`, `--max-length`,
+`--max-steps`, `--per-device-train-batch-size`, `--learning-rate`, ...; `--config file.yaml` too) and this stage's
+own (`DPOOptions`); the project's defaults where they differ from TRL's are `DEFAULTS`.
 
 DPO (Rafailov et al. 2023) trains the policy pi on pairs (x, y_w, y_l) with -log sigmoid(beta * (h(y_w) - h(y_l))),
 where h(y) = log pi(y|x) - log pi_ref(y|x): the reward model of RLHF is implicit, r(x, y) = beta * h(y), and the
@@ -21,19 +25,19 @@ where `AutoModelForCausalLM.from_pretrained` loads it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_hf
-from alignment import trl_defaults
+from alignment import check_at_least_one, lora_config, place_trainer_output, trl_defaults, write_summary
 from alignment.data import load_preference_dataset
-from tiny_hf.results import write_results
+from tiny_hf.options import parse_options
 from tiny_hf.runs import model_path
 
 # What the trainer logs about the implicit reward (TRL's names), kept for the summary.
@@ -69,51 +73,65 @@ def loss_types() -> list[str]:
     return names
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="runs/sft", help="the SFT run (a run folder, model folder or Hub id)")
-    model.add_argument("--lora", action="store_true", help="train LoRA adapters; the reference = adapters off")
-    model.add_argument("--rank", type=int, default=16)
-    model.add_argument("--trust-remote-code", action="store_true")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="embedded", help="embedded, a .json/.jsonl file or folder, or a Hub name")
-    data.add_argument("--max-examples", type=int, default=None, help="train on a fixed subset (quick runs)")
-    data.add_argument("--max-length", type=int, default=256, help="tokens of prompt + answer (longer: truncated)")
-    train = parser.add_argument_group("training")
-    train.add_argument("--loss-type", default="sigmoid", help="a loss type of TRL's DPOConfig (sigmoid = DPO)")
-    train.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
-    train.add_argument("--label-smoothing", type=float, default=0.0, help="robust / exo_pair losses only")
-    train.add_argument("--max-steps", type=int, default=200)
-    train.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--lr", type=float, default=5e-5)
-    train.add_argument("--warmup-steps", type=int, default=10)
-    train.add_argument("--seed", type=int, default=0)
-    report = parser.add_argument_group("report")
-    report.add_argument("--eval-examples", type=int, default=500, help="held-out pairs for the accuracy")
-    report.add_argument("--logging-steps", type=int, default=10)
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/dpo"))
-    out.add_argument("--results", type=Path, default=None, help="also write dpo.md/.json here (bench/results)")
-    return parser.parse_args(argv)
+# DPOConfig fields whose project default differs from TRL's (with alignment.trl_defaults).
+DEFAULTS = {
+    "max_steps": 200,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 5e-5,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 10,
+    "max_length": 256,
+}
 
 
-def check_args(args: argparse.Namespace) -> None:
+@dataclass
+class DPOOptions:
+    """This stage's own options; the trainer's are TRL's `DPOConfig`."""
+
+    model: str = field(default="runs/sft", metadata={"help": "the SFT run (a run folder, model folder or Hub id)"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters; the reference = adapters off"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank (alpha = 2 x rank)"})
+    data: str = field(default="embedded", metadata={"help": "embedded, a .json/.jsonl file or folder, or a Hub name"})
+    max_examples: int | None = field(default=None, metadata={"help": "train on a fixed subset (quick runs)"})
+    eval_examples: int = field(default=500, metadata={"help": "held-out pairs for the accuracy"})
+    out: Path = field(default=Path("runs/dpo"), metadata={"help": "model/, summary.md and the trainer's files"})
+    results: Path | None = field(default=None, metadata={"help": "also write dpo.md/.json here (bench/results)"})
+
+
+def parse_args(argv: list[str] | None = None):
+    """(DPOOptions, DPOConfig) from the command line (and `--config`), with the project's defaults, checked."""
+    from trl import DPOConfig
+
+    options, config = parse_options(
+        DPOOptions, DPOConfig, argv=argv, description=__doc__, defaults={**trl_defaults(), **DEFAULTS}
+    )
+    place_trainer_output(config, options.out)
+    check_args(options, config)
+    return options, config
+
+
+def check_args(options: DPOOptions, config) -> None:
+    """What DPOTrainer would only find out at its first step (or never): unknown losses, a zero beta, ..."""
     valid = loss_types()
-    if args.loss_type not in valid:
-        raise ValueError(f"--loss-type={args.loss_type!r} is not one of {valid} (TRL's DPOConfig)")
-    for name in ("max_steps", "batch_size", "grad_accum", "max_length", "rank", "eval_examples", "logging_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    if not args.beta > 0:
-        raise ValueError(f"--beta={args.beta} must be > 0 (it scales the implicit reward)")
-    if not args.lr > 0:
-        raise ValueError(f"--lr={args.lr} must be > 0")
-    if args.loss_type == "exo_pair" and args.label_smoothing <= 0:
+    for name in config.loss_type:
+        if name not in valid:
+            raise ValueError(f"--loss-type={name!r} is not one of {valid} (TRL's DPOConfig)")
+    check_at_least_one(
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        rank=options.rank,
+        eval_examples=options.eval_examples,
+    )
+    if not config.beta > 0:
+        raise ValueError(f"--beta={config.beta} must be > 0 (it scales the implicit reward)")
+    if not config.learning_rate > 0:
+        raise ValueError(f"--learning-rate={config.learning_rate} must be > 0")
+    if "exo_pair" in config.loss_type and config.label_smoothing <= 0:
         raise ValueError("--loss-type=exo_pair needs --label-smoothing > 0 (the EXO paper uses 1e-3)")
-    if not 0 <= args.label_smoothing < 0.5:
-        raise ValueError(f"--label-smoothing={args.label_smoothing} must be in [0, 0.5)")
+    if not 0 <= config.label_smoothing < 0.5:
+        raise ValueError(f"--label-smoothing={config.label_smoothing} must be in [0, 0.5)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,108 +234,86 @@ def explicit_prompt(row: dict) -> dict:
     }
 
 
-def dpo_config(args: argparse.Namespace):
-    from trl import DPOConfig
-
-    return DPOConfig(
-        output_dir=str(args.out / "trainer"),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_steps,
-        weight_decay=0.0,
-        max_length=args.max_length,
-        loss_type=[args.loss_type],
-        beta=args.beta,
-        label_smoothing=args.label_smoothing,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        **trl_defaults(),
-    )
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    check_args(args)
-    from trl import DPOTrainer
-
-    path = model_path("--model", args.model)
-    data = load_preference_dataset(args.data, max_examples=args.max_examples)  # bad rows fail here, before loading
-    data = data.map(explicit_prompt)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage: setup, train, evaluate, finish
+# ---------------------------------------------------------------------------------------------------------------------
+def load_models(options: DPOOptions, config):
+    """The policy, its reference (None with LoRA: the adapters off), the LoRA config (or None) and the tokenizer."""
+    path = model_path("--model", options.model)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     if tokenizer.chat_template is None:
-        raise ValueError(f"--model {args.model}: the tokenizer has no chat template to format the conversations with")
+        raise ValueError(
+            f"--model {options.model}: the tokenizer has no chat template to format the conversations with"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(args.seed)
+    torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
+    load = dict(dtype=dtype, trust_remote_code=config.trust_remote_code)
     # Loaded from the folder (not built in memory): TRL rebuilds anything it needs from config._name_or_path.
     model = AutoModelForCausalLM.from_pretrained(path, **load)
-    peft_config, ref_model = None, None
-    if args.lora:
-        from peft import LoraConfig, TaskType
+    if options.lora:
+        return model, None, lora_config(options.rank, "CAUSAL_LM"), tokenizer
+    reference = AutoModelForCausalLM.from_pretrained(path, **load).eval()
+    reference.requires_grad_(False)
+    return model, reference, None, tokenizer
 
-        peft_config = LoraConfig(
-            r=args.rank,
-            lora_alpha=2 * args.rank,
-            lora_dropout=0.0,
-            task_type=TaskType.CAUSAL_LM,
-            target_modules="all-linear",
-        )
-    else:
-        ref_model = AutoModelForCausalLM.from_pretrained(path, **load).eval()
-        ref_model.requires_grad_(False)
-    held_out = list(data["test"].select(range(min(args.eval_examples, len(data["test"])))))
 
-    start = time.perf_counter()
+def train(model, reference, peft_config, tokenizer, train_dataset, config):
+    from trl import DPOTrainer
+
     trainer = DPOTrainer(
         model=model,
-        ref_model=ref_model,
-        args=dpo_config(args),
-        train_dataset=data["train"],
+        ref_model=reference,
+        args=config,
+        train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
     trainer.train()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    options, config = parse_args(argv)
+    data = load_preference_dataset(options.data, max_examples=options.max_examples)  # bad rows fail before loading
+    data = data.map(explicit_prompt)
+    model, reference, peft_config, tokenizer = load_models(options, config)
+    held_out = list(data["test"].select(range(min(options.eval_examples, len(data["test"])))))
+
+    start = time.perf_counter()
+    trainer = train(model, reference, peft_config, tokenizer, data["train"], config)
     model = trainer.model
-    reference = model.disable_adapter if args.lora else ref_model
-    after = preference_accuracy(model, reference, tokenizer, held_out, args.beta, args.max_length)
+    reference = model.disable_adapter if options.lora else reference
+    after = preference_accuracy(model, reference, tokenizer, held_out, config.beta, config.max_length)
     minutes = (time.perf_counter() - start) / 60
     print(f"held-out implicit-reward accuracy after DPO: {after['accuracy']:.1%} ({minutes:.1f} min)")
 
-    if args.lora:
-        model = model.merge_and_unload()
-    args.out.mkdir(parents=True, exist_ok=True)
-    out_model = args.out / "model"
-    tiny_hf.save_model(model, tokenizer, out_model)
+    tiny_hf.save_model(model.merge_and_unload() if options.lora else model, tokenizer, options.out / "model")
+    figures = summary_figures(options, config, data, held_out, after, trainer, minutes)
+    write_summary("dpo", figures, summary_markdown(figures), options.out, options.results)
+    return figures
+
+
+def summary_figures(options, config, data, held_out, after, trainer, minutes: float) -> dict:
     log = [{k: r[k] for k in ("step", *LOGGED) if k in r} for r in trainer.state.log_history if "loss" in r]
-    figures = {
-        "model": args.model,
-        "data": args.data,
-        "lora": args.lora,
-        "loss_type": args.loss_type,
-        "beta": args.beta,
+    return {
+        "model": options.model,
+        "data": options.data,
+        "lora": options.lora,
+        "loss_type": ",".join(config.loss_type),
+        "beta": config.beta,
         "train_pairs": len(data["train"]),
         "held_out_pairs": len(held_out),
-        "max_steps": args.max_steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
+        "max_steps": config.max_steps,
+        "batch_size": config.per_device_train_batch_size,
+        "lr": config.learning_rate,
         "minutes": round(minutes, 2),
         "first_log": log[0] if log else None,
         "last_log": log[-1] if log else None,
         "log": log,
         "held_out": after,
     }
-    table = summary_markdown(figures)
-    (args.out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (args.out / "summary.md").write_text(table)
-    if args.results is not None:
-        write_results("dpo", figures, table, args.results)
-    print(table)
-    return figures
 
 
 def summary_markdown(figures: dict) -> str:

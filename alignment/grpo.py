@@ -1,9 +1,14 @@
 """Reinforcement learning with verifiable rewards: GRPO or RLOO (TRL's `GRPOTrainer` / `RLOOTrainer`) on "Which
 module of the standard library defines `name`?", whose answer code can check.
 
-    python alignment/grpo.py --model runs/sft --out runs/grpo                        # GRPO, exact-match reward
-    python alignment/grpo.py --model runs/sft --algo rloo --out runs/rloo --lora     # RLOO with LoRA adapters
-    python alignment/grpo.py --model runs/sft --rewards exact_match,format --reward-model runs/reward
+    tiny-hf grpo --model runs/sft --out runs/grpo                         # GRPO, exact-match reward
+    tiny-hf grpo --model runs/sft --algo rloo --out runs/rloo --lora      # RLOO with LoRA adapters
+    tiny-hf grpo --model runs/sft --rewards exact_match,format --reward-model runs/reward
+
+Options: every field of TRL's `GRPOConfig` (with `--algo rloo`: `RLOOConfig`): `--num-generations`,
+`--max-completion-length`, `--temperature`, `--beta`, `--max-steps`, `--per-device-train-batch-size`,
+`--learning-rate`, ...; `--config file.yaml` too; and this stage's own (`GRPOOptions`). The project's defaults where
+they differ from TRL's are `DEFAULTS`.
 
 Both sample `--num-generations` answers per prompt and score each; neither has a value model. The advantage of an
 answer is its reward against the others of its group: GRPO (Shao et al. 2024, DeepSeekMath) subtracts the group's
@@ -23,10 +28,10 @@ exported to `<out>/model`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -34,16 +39,28 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import tiny_hf
-from alignment import trl_defaults
+from alignment import check_at_least_one, lora_config, place_trainer_output, trl_defaults, write_summary
 from alignment.data import exact_match_reward, partial_credit_reward, preference_dataset, verifiable_dataset
-from tiny_hf.engine import Engine, SamplingParams
-from tiny_hf.results import markdown_cell, write_results
+from tiny_hf.chat import chat_generate, end_of_turn_ids
+from tiny_hf.options import parse_options
+from tiny_hf.results import markdown_cell
 from tiny_hf.runs import model_path
 
-IM_END = "<|im_end|>"
 ALGOS = ("grpo", "rloo")
 # What the trainers log per step that the summary keeps (TRL's names; `kl` only when beta > 0).
 LOGGED = ("reward", "reward_std", "frac_reward_zero_std", "kl", "completions/mean_length")
+# GRPOConfig / RLOOConfig fields whose project default differs from TRL's (with alignment.trl_defaults); the same
+# for both algorithms, so that they compare like with like (RLOO's own beta default is 0.05).
+DEFAULTS = {
+    "max_steps": 200,
+    "per_device_train_batch_size": 32,
+    "learning_rate": 1e-5,
+    "lr_scheduler_type": "constant_with_warmup",
+    "logging_steps": 5,
+    "num_generations": 8,
+    "max_completion_length": 24,
+    "beta": 0.0,
+}
 
 
 def format_reward(completions: list, **kwargs) -> list[float]:
@@ -56,73 +73,92 @@ def format_reward(completions: list, **kwargs) -> list[float]:
 REWARD_FUNCS = {"exact_match": exact_match_reward, "partial_credit": partial_credit_reward, "format": format_reward}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="runs/sft", help="the SFT run (a run folder, model folder or Hub id)")
-    model.add_argument("--lora", action="store_true", help="train LoRA adapters (r=--rank)")
-    model.add_argument("--rank", type=int, default=16)
-    model.add_argument("--trust-remote-code", action="store_true")
-    algo = parser.add_argument_group("algorithm and rewards")
-    algo.add_argument("--algo", default="grpo", help=f"one of {list(ALGOS)}")
-    algo.add_argument(
-        "--rewards", default="exact_match", help=f"comma-separated, from {list(REWARD_FUNCS)}; '' = none"
+@dataclass
+class GRPOOptions:
+    """This stage's own options; the trainer's are TRL's `GRPOConfig` or `RLOOConfig` (by `--algo`)."""
+
+    model: str = field(default="runs/sft", metadata={"help": "the SFT run (a run folder, model folder or Hub id)"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (r=--rank)"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank (alpha = 2 x rank)"})
+    algo: str = field(default="grpo", metadata={"help": f"one of {list(ALGOS)}"})
+    rewards: str = field(
+        default="exact_match", metadata={"help": f"comma-separated, from {list(REWARD_FUNCS)}; '' = none"}
     )
-    algo.add_argument("--reward-model", default=None, help="a reward model folder (alignment/reward.py's <out>/model)")
-    algo.add_argument("--num-generations", type=int, default=8, help="answers sampled per prompt (the group)")
-    algo.add_argument("--max-completion-length", type=int, default=24, help="tokens per sampled answer")
-    algo.add_argument("--temperature", type=float, default=1.0)
-    algo.add_argument("--beta", type=float, default=0.0, help="KL coefficient towards the start model; 0 = none")
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
+    reward_model: str | None = field(
+        default=None, metadata={"help": "a reward model folder (alignment/reward.py's <out>/model)"}
+    )
+    data: str = field(
         default="embedded",
-        help="embedded (the verifiable questions), docs (the preference "
-        "task's prompts, for --reward-model), or .json/.jsonl with 'prompt' and 'answer'",
+        metadata={
+            "help": "embedded (the verifiable questions), docs (the preference task's prompts, for "
+            "--reward-model), or .json/.jsonl with 'prompt' and 'answer'"
+        },
     )
-    data.add_argument("--max-examples", type=int, default=None, help="train on a fixed subset (quick runs)")
-    train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, default=200)
-    train.add_argument("--batch-size", type=int, default=32, help="completions per step (a multiple of the group)")
-    train.add_argument("--lr", type=float, default=1e-5)
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--seed", type=int, default=0)
-    report = parser.add_argument_group("report")
-    report.add_argument("--eval-examples", type=int, default=200, help="held-out questions for the exact match")
-    report.add_argument("--logging-steps", type=int, default=5)
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/grpo"))
-    out.add_argument("--results", type=Path, default=None, help="also write <algo>.md/.json here (bench/results)")
-    args = parser.parse_args(argv)
-    args.reward_names = [name.strip() for name in args.rewards.split(",") if name.strip()]
-    return args
+    max_examples: int | None = field(default=None, metadata={"help": "train on a fixed subset (quick runs)"})
+    eval_examples: int = field(default=200, metadata={"help": "held-out questions for the exact match"})
+    out: Path = field(default=Path("runs/grpo"), metadata={"help": "model/, summary.md and the trainer's files"})
+    results: Path | None = field(default=None, metadata={"help": "also write <algo>.md/.json here (bench/results)"})
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [name.strip() for name in self.rewards.split(",") if name.strip()]
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if args.algo not in ALGOS:
-        raise ValueError(f"--algo={args.algo!r} is not one of {list(ALGOS)}")
-    for name in args.reward_names:
+def config_class(argv: list[str]):
+    """GRPOConfig or RLOOConfig, by `--algo` on the command line, else in the `--config` file: the two trainers'
+    options differ (GRPO's `scale_rewards`, RLOO's `normalize_advantages`), so the parser needs the class first."""
+    from trl import GRPOConfig, RLOOConfig
+
+    algo = _flag_value(argv, "--algo")
+    if algo is None and (config_file := _flag_value(argv, "--config")) and Path(config_file).is_file():
+        import yaml
+
+        algo = (yaml.safe_load(Path(config_file).read_text()) or {}).get("algo")
+    algo = algo or "grpo"
+    if algo not in ALGOS:
+        raise ValueError(f"--algo={algo!r} is not one of {list(ALGOS)}")
+    return GRPOConfig if algo == "grpo" else RLOOConfig
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last `flag VALUE` or `flag=VALUE` in argv, or None."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+def parse_args(argv: list[str] | None = None):
+    """(GRPOOptions, GRPOConfig or RLOOConfig) from the command line (and `--config`), with the project's defaults,
+    checked. TRL's config checks its own fields (at least 2 generations, whole groups per batch)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options, config = parse_options(
+        GRPOOptions, config_class(argv), argv=argv, description=__doc__, defaults={**trl_defaults(), **DEFAULTS}
+    )
+    place_trainer_output(config, options.out)
+    check_args(options, config)
+    return options, config
+
+
+def check_args(options: GRPOOptions, config) -> None:
+    for name in options.reward_names:
         if name not in REWARD_FUNCS:
             raise ValueError(f"--rewards: {name!r} is not one of {list(REWARD_FUNCS)}")
-    if not args.reward_names and args.reward_model is None:
+    if not options.reward_names and options.reward_model is None:
         raise ValueError("no reward: give --rewards and/or --reward-model")
-    if args.num_generations < 2:
-        raise ValueError(
-            f"--num-generations={args.num_generations} must be at least 2: the advantage compares an "
-            "answer with the others of its group"
-        )
-    if args.batch_size % args.num_generations:
-        raise ValueError(
-            f"--batch-size={args.batch_size} must be a multiple of --num-generations="
-            f"{args.num_generations} (whole groups per step)"
-        )
-    if not args.beta >= 0:
-        raise ValueError(f"--beta={args.beta} must be >= 0 (a negative KL coefficient rewards drifting away)")
-    if not args.temperature > 0 or not args.lr > 0:
-        raise ValueError(f"--temperature={args.temperature} and --lr={args.lr} must be > 0")
-    for name in ("max_steps", "batch_size", "max_completion_length", "rank", "eval_examples", "logging_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if not config.beta >= 0:
+        raise ValueError(f"--beta={config.beta} must be >= 0 (a negative KL coefficient rewards drifting away)")
+    if not config.temperature > 0 or not config.learning_rate > 0:
+        raise ValueError(f"--temperature={config.temperature} and --learning-rate={config.learning_rate} must be > 0")
+    check_at_least_one(
+        max_steps=config.max_steps,
+        max_completion_length=config.max_completion_length,
+        rank=options.rank,
+        eval_examples=options.eval_examples,
+    )
 
 
 def load_verifiable(spec: str, max_examples: int | None) -> datasets.DatasetDict:
@@ -148,41 +184,9 @@ def load_verifiable(spec: str, max_examples: int | None) -> datasets.DatasetDict
 
 
 def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Greedy answers to chat prompts, stopping at <|im_end|>: tiny_hf's engine (batched, continuous) where the model
-    is a TinyForCausalLM, else `model.generate` on a left-padded batch."""
-    was_training = model.training
-    model.eval()
-    ids = [
-        tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in prompts
-    ]
-    stop = [t for t in (tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id) if t is not None]
-    try:
-        engine = Engine(model, tokenizer, max_batch_size=max(1, min(len(ids), 64)), window_policy="truncate")
-    except TypeError:  # not a tiny_hf model
-        engine = None
-    if engine is not None:
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0, stop_token_ids=stop)
-        texts = [done.text for done in engine.generate(ids, params)]
-    else:
-        texts = []
-        device = next(model.parameters()).device
-        for start in range(0, len(ids), 32):
-            batch = ids[start : start + 32]
-            width = max(len(x) for x in batch)
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=stop,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    model.train(was_training)
-    return [t.split(IM_END)[0].strip() for t in texts]
+    """Greedy answers to chat prompts, ending at the end of the turn (`tiny_hf.chat`: the engine where it runs the
+    model, else `generate()`)."""
+    return [reply.text for reply in chat_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
 
 
 def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int) -> dict:
@@ -192,120 +196,107 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int) -> dict
     return {"exact_match": sum(scores) / max(len(scores), 1), "answers": answers}
 
 
-def rl_config(args: argparse.Namespace, eos_token_ids: list[int]):
-    from trl import GRPOConfig, RLOOConfig
-
-    # With beta > 0 and no LoRA, TRL loads the reference with create_model_from_path(config._name_or_path), which
-    # reads `config.auto_map` to pick an Auto class for architectures outside transformers: a folder saved without
-    # one (plain save_pretrained of a TinyForCausalLM) fails there with AttributeError (TRL 1.16, transformers 5.24).
-    # Naming the Auto class skips that guess; TRL warns that model_init_kwargs are ignored, which holds for the policy.
-    model_init_kwargs = {"architecture": AutoModelForCausalLM} if args.beta > 0 and not args.lora else None
-
-    config_class = GRPOConfig if args.algo == "grpo" else RLOOConfig
-    return config_class(
-        output_dir=str(args.out / "trainer"),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=args.warmup_steps,
-        weight_decay=0.0,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_completion_length,
-        temperature=args.temperature,
-        beta=args.beta,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        log_completions=False,
-        **trl_defaults(),
-        generation_kwargs={"eos_token_id": eos_token_ids},  # stop at <|im_end|>, the end of an assistant turn
-        model_init_kwargs=model_init_kwargs,
-    )
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    check_args(args)
-    from trl import GRPOTrainer, RLOOTrainer
-
-    path = model_path("--model", args.model)
-    data = load_verifiable(args.data, args.max_examples)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage: setup, evaluate, train, finish
+# ---------------------------------------------------------------------------------------------------------------------
+def load_policy(options: GRPOOptions, config):
+    """The policy and its tokenizer; sets the trainer's generation to stop at the end of the turn."""
+    path = model_path("--model", options.model)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     if tokenizer.chat_template is None:
-        raise ValueError(f"--model {args.model}: the tokenizer has no chat template to format the questions with")
+        raise ValueError(f"--model {options.model}: the tokenizer has no chat template to format the questions with")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(args.seed)
+    torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     # Loaded from the folder: with --beta > 0 and no LoRA, TRL loads the reference from config._name_or_path.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    eos_token_ids = [t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)) if t is not None]
-    eos_token_ids = list(dict.fromkeys(t for t in eos_token_ids if t != tokenizer.unk_token_id))
-    reward_funcs, reward_classes = [REWARD_FUNCS[name] for name in args.reward_names], [None] * len(args.reward_names)
-    if args.reward_model is not None:
-        reward_path = model_path("--reward-model", args.reward_model)
-        reward_tokenizer = AutoTokenizer.from_pretrained(reward_path, trust_remote_code=args.trust_remote_code)
-        if reward_tokenizer.pad_token is None:
-            raise ValueError(f"--reward-model {args.reward_model}: the tokenizer has no pad token (batched scoring)")
-        reward_model = AutoModelForSequenceClassification.from_pretrained(
-            reward_path, num_labels=1, dtype=dtype, trust_remote_code=args.trust_remote_code
-        )
-        reward_funcs.append(reward_model)
-        reward_classes.append(reward_tokenizer)
-    peft_config = None
-    if args.lora:
-        from peft import LoraConfig, TaskType
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    config.generation_kwargs = {"eos_token_id": end_of_turn_ids(tokenizer), **(config.generation_kwargs or {})}
+    if config.beta > 0 and not options.lora:
+        # TRL then loads the reference with create_model_from_path(config._name_or_path), which reads
+        # `config.auto_map` to pick an Auto class for architectures outside transformers: a folder saved without one
+        # (plain save_pretrained of a TinyForCausalLM) fails there with AttributeError (TRL 1.16, transformers 5.24).
+        # Naming the Auto class skips that guess; TRL warns that model_init_kwargs are ignored for the policy.
+        config.model_init_kwargs = {"architecture": AutoModelForCausalLM, **(config.model_init_kwargs or {})}
+    return model, tokenizer, dtype
 
-        peft_config = LoraConfig(
-            r=args.rank,
-            lora_alpha=2 * args.rank,
-            lora_dropout=0.0,
-            task_type=TaskType.CAUSAL_LM,
-            target_modules="all-linear",
-        )
 
-    held_out = list(data["test"].select(range(min(args.eval_examples, len(data["test"])))))
-    start = time.perf_counter()
-    before = exact_match(model, tokenizer, held_out, args.max_completion_length)
-    print(f"held-out exact match before {args.algo.upper()}: {before['exact_match']:.1%}")
-    trainer_class = GRPOTrainer if args.algo == "grpo" else RLOOTrainer
+def reward_functions(options: GRPOOptions, config, dtype) -> tuple[list, list]:
+    """The reward functions (python ones by name, then the reward model) and their processing classes."""
+    funcs, classes = [REWARD_FUNCS[name] for name in options.reward_names], [None] * len(options.reward_names)
+    if options.reward_model is not None:
+        path = model_path("--reward-model", options.reward_model)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        if tokenizer.pad_token is None:
+            raise ValueError(
+                f"--reward-model {options.reward_model}: the tokenizer has no pad token (batched scoring)"
+            )
+        funcs.append(
+            AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, trust_remote_code=config.trust_remote_code
+            )
+        )
+        classes.append(tokenizer)
+    return funcs, classes
+
+
+def train(options: GRPOOptions, config, model, tokenizer, rewards: tuple[list, list], train_dataset):
+    from trl import GRPOTrainer, RLOOTrainer
+
+    trainer_class = GRPOTrainer if options.algo == "grpo" else RLOOTrainer
     trainer = trainer_class(
         model=model,
-        reward_funcs=reward_funcs,
-        args=rl_config(args, eos_token_ids),
-        train_dataset=data["train"],
+        reward_funcs=rewards[0],
+        args=config,
+        train_dataset=train_dataset,
         processing_class=tokenizer,
-        reward_processing_classes=reward_classes,
-        peft_config=peft_config,
+        reward_processing_classes=rewards[1],
+        peft_config=lora_config(options.rank, "CAUSAL_LM") if options.lora else None,
     )
     trainer.train()
-    model = trainer.model
-    if args.lora:
-        model = model.merge_and_unload()
-    after = exact_match(model, tokenizer, held_out, args.max_completion_length)
-    minutes = (time.perf_counter() - start) / 60
-    print(f"held-out exact match after {args.algo.upper()}: {after['exact_match']:.1%} ({minutes:.1f} min)")
+    return trainer
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    out_model = args.out / "model"
-    tiny_hf.save_model(model, tokenizer, out_model)
+
+def main(argv: list[str] | None = None) -> dict:
+    options, config = parse_args(argv)
+    data = load_verifiable(options.data, options.max_examples)
+    model, tokenizer, dtype = load_policy(options, config)
+    rewards = reward_functions(options, config, dtype)
+    held_out = list(data["test"].select(range(min(options.eval_examples, len(data["test"])))))
+
+    start = time.perf_counter()
+    before = exact_match(model, tokenizer, held_out, config.max_completion_length)
+    print(f"held-out exact match before {options.algo.upper()}: {before['exact_match']:.1%}")
+    trainer = train(options, config, model, tokenizer, rewards, data["train"])
+    model = trainer.model.merge_and_unload() if options.lora else trainer.model
+    after = exact_match(model, tokenizer, held_out, config.max_completion_length)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"held-out exact match after {options.algo.upper()}: {after['exact_match']:.1%} ({minutes:.1f} min)")
+
+    tiny_hf.save_model(model, tokenizer, options.out / "model")
+    figures = summary_figures(options, config, data, held_out, before, after, trainer, minutes)
+    write_summary(options.algo, figures, summary_markdown(figures), options.out, options.results)
+    return figures
+
+
+def summary_figures(options, config, data, held_out, before, after, trainer, minutes: float) -> dict:
     keys = LOGGED + tuple(f"rewards/{name}/mean" for name in trainer.reward_func_names)
     log = [{k: r[k] for k in ("step", *keys) if k in r} for r in trainer.state.log_history if "reward" in r]
     ties = [r["frac_reward_zero_std"] for r in log if "frac_reward_zero_std" in r]
-    figures = {
-        "model": args.model,
-        "data": args.data,
-        "algo": args.algo,
-        "lora": args.lora,
+    return {
+        "model": options.model,
+        "data": options.data,
+        "algo": options.algo,
+        "lora": options.lora,
         "rewards": list(trainer.reward_func_names),
-        "beta": args.beta,
-        "num_generations": args.num_generations,
-        "max_completion_length": args.max_completion_length,
+        "beta": config.beta,
+        "num_generations": config.num_generations,
+        "max_completion_length": config.max_completion_length,
         "train_questions": len(data["train"]),
         "held_out_questions": len(held_out),
-        "max_steps": args.max_steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
+        "max_steps": config.max_steps,
+        "batch_size": config.per_device_train_batch_size,
+        "lr": config.learning_rate,
         "minutes": round(minutes, 2),
         # Share of prompt groups whose rewards all tie (zero std: zero advantage, no gradient), over the logged steps.
         "tied_group_share": sum(ties) / len(ties) if ties else None,
@@ -317,13 +308,6 @@ def main(argv=None) -> dict:
             for r, b, a in zip(held_out[:5], before["answers"], after["answers"], strict=False)
         ],
     }
-    table = summary_markdown(figures)
-    (args.out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (args.out / "summary.md").write_text(table)
-    if args.results is not None:
-        write_results(args.algo, figures, table, args.results)
-    print(table)
-    return figures
 
 
 def summary_markdown(figures: dict) -> str:

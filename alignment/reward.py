@@ -1,14 +1,18 @@
 """Reward model: a scalar score that prefers the chosen answer of a preference pair, with TRL's `RewardTrainer`.
 
-    python alignment/reward.py --model runs/sft --out runs/reward                  # the embedded docs preferences
-    python alignment/reward.py --model runs/sft --out runs/reward-lora --lora      # LoRA, score head in full
-    accelerate launch alignment/reward.py --model runs/sft --data prefs.jsonl      # any TRL preference data
+    tiny-hf reward --model runs/sft --out runs/reward                       # the embedded docs preferences
+    tiny-hf reward --model runs/sft --out runs/reward-lora --lora           # LoRA, score head in full
+    accelerate launch -m alignment.reward --model runs/sft --data prefs.jsonl   # any TRL preference data
+
+Options: every field of TRL's `RewardConfig` (`--max-steps`, `--per-device-train-batch-size`, `--learning-rate`,
+`--max-length`, `--center-rewards-coefficient`, ...; `--config file.yaml` too) and this stage's own
+(`RewardOptions`); the project's defaults where they differ from TRL's are `DEFAULTS`.
 
 The model is the SFT run loaded as `AutoModelForSequenceClassification` with one label: the causal LM's body and a
 new `score` head read at the last real token (TinyForSequenceClassification). The loss is Bradley-Terry's
 -log sigmoid(r_chosen - r_rejected) (Ouyang et al. 2022, Sec. 3.5): only reward differences are learned, so
-`--center-rewards` adds a small penalty on (r_chosen + r_rejected)^2 to keep the scores near 0 (Eisenstein et al.
-2023), which PPO's KL-penalised reward is sensitive to.
+`--center-rewards-coefficient` adds a small penalty on (r_chosen + r_rejected)^2 to keep the scores near 0
+(Eisenstein et al. 2023), which PPO's KL-penalised reward is sensitive to.
 
 Reports held-out pairwise accuracy (overall and per kind of rejected answer; goal >= 90%) and a histogram of the
 reward margins r_chosen - r_rejected (`margins.png`) in `<out>/summary.md`; `--results bench/results` also writes
@@ -18,53 +22,66 @@ reward margins r_chosen - r_rejected (`margins.png`) in `<out>/summary.md`; `--r
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tiny_hf
-from alignment import trl_defaults
+from alignment import check_at_least_one, lora_config, place_trainer_output, trl_defaults, write_summary
 from alignment.data import load_preference_dataset
-from tiny_hf.results import write_results
+from tiny_hf.options import parse_options
 from tiny_hf.runs import model_path
 
 ACCURACY_GOAL = 0.9
+# RewardConfig fields whose project default differs from TRL's (with alignment.trl_defaults).
+DEFAULTS = {
+    "max_steps": 300,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 5e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 20,
+    "max_length": 256,
+    "center_rewards_coefficient": 0.01,
+}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="runs/sft", help="the SFT run (a run folder, model folder or Hub id)")
-    model.add_argument("--lora", action="store_true", help="train LoRA adapters (r=--rank) and the score head")
-    model.add_argument("--rank", type=int, default=16)
-    model.add_argument("--trust-remote-code", action="store_true")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="embedded", help="embedded, a .json/.jsonl file or folder, or a Hub name")
-    data.add_argument("--max-examples", type=int, default=None, help="train on a fixed subset (quick runs)")
-    data.add_argument("--max-length", type=int, default=256, help="tokens of prompt + answer")
-    train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, default=300)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--lr", type=float, default=5e-4)
-    train.add_argument("--warmup-steps", type=int, default=20)
-    train.add_argument("--center-rewards", type=float, default=0.01, help="coefficient of (r_c + r_r)^2; 0 = off")
-    train.add_argument("--seed", type=int, default=0)
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/reward"))
-    out.add_argument("--results", type=Path, default=None, help="also write reward_model.md/.json here")
-    return parser.parse_args(argv)
+@dataclass
+class RewardOptions:
+    """This stage's own options; the trainer's are TRL's `RewardConfig`."""
+
+    model: str = field(default="runs/sft", metadata={"help": "the SFT run (a run folder, model folder or Hub id)"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (r=--rank) and the score head"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank (alpha = 2 x rank)"})
+    data: str = field(default="embedded", metadata={"help": "embedded, a .json/.jsonl file or folder, or a Hub name"})
+    max_examples: int | None = field(default=None, metadata={"help": "train on a fixed subset (quick runs)"})
+    out: Path = field(default=Path("runs/reward"), metadata={"help": "model/, summary.md, margins.png"})
+    results: Path | None = field(default=None, metadata={"help": "also write reward_model.md/.json here"})
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for name in ("max_steps", "batch_size", "max_length", "rank"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    if args.lr <= 0 or args.center_rewards < 0:
-        raise ValueError(f"--lr={args.lr} must be positive and --center-rewards={args.center_rewards} not negative")
+def parse_args(argv: list[str] | None = None):
+    """(RewardOptions, RewardConfig) from the command line (and `--config`), with the project's defaults, checked."""
+    from trl import RewardConfig
+
+    options, config = parse_options(
+        RewardOptions, RewardConfig, argv=argv, description=__doc__, defaults={**trl_defaults(), **DEFAULTS}
+    )
+    place_trainer_output(config, options.out)
+    check_at_least_one(
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        max_length=config.max_length,
+        rank=options.rank,
+    )
+    centering = config.center_rewards_coefficient
+    if config.learning_rate <= 0 or (centering is not None and centering < 0):
+        raise ValueError(
+            f"--learning-rate={config.learning_rate} must be positive and "
+            f"--center-rewards-coefficient={centering} not negative"
+        )
+    return options, config
 
 
 @torch.no_grad()
@@ -120,103 +137,92 @@ def plot_margins(before: list[float], after: list[float], path: Path) -> Path:
     return path
 
 
-def reward_config(args: argparse.Namespace):
-    from trl import RewardConfig
-
-    return RewardConfig(
-        output_dir=str(args.out / "trainer"),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_steps,
-        weight_decay=0.0,
-        max_length=args.max_length,
-        center_rewards_coefficient=args.center_rewards or None,
-        logging_steps=10,
-        seed=args.seed,
-        **trl_defaults(),
-    )
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    check_args(args)
-    from trl import RewardTrainer
-
-    path = model_path("--model", args.model)
-    data = load_preference_dataset(args.data, max_examples=args.max_examples)  # bad rows fail here, before loading
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage: setup, evaluate, train, finish
+# ---------------------------------------------------------------------------------------------------------------------
+def load_model(options: RewardOptions, config):
+    """The SFT run with a new one-label score head, its tokenizer, and the LoRA config (or None)."""
+    path = model_path("--model", options.model)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     if tokenizer.chat_template is None:
-        raise ValueError(f"--model {args.model}: the tokenizer has no chat template to format the conversations with")
+        raise ValueError(
+            f"--model {options.model}: the tokenizer has no chat template to format the conversations with"
+        )
     if tokenizer.pad_token_id is None:
-        raise ValueError(f"--model {args.model}: the tokenizer has no pad token, which batching rewards needs")
-    torch.manual_seed(args.seed)
+        raise ValueError(f"--model {options.model}: the tokenizer has no pad token, which batching rewards needs")
+    torch.manual_seed(config.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         path,
         num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
         dtype=torch.float32,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=config.trust_remote_code,
     )
-    peft_config = None
-    if args.lora:
-        from peft import LoraConfig, TaskType
+    peft_config = lora_config(options.rank, "SEQ_CLS", modules_to_save=["score"]) if options.lora else None
+    return model, tokenizer, peft_config
 
-        peft_config = LoraConfig(
-            r=args.rank,
-            lora_alpha=2 * args.rank,
-            lora_dropout=0.0,
-            task_type=TaskType.SEQ_CLS,
-            target_modules="all-linear",
-            modules_to_save=["score"],
-        )
+
+def check_lengths(tokenizer, train_dataset, max_length: int) -> None:
+    """Fail when no training pair fits in `max_length` tokens (RewardTrainer drops those that do not)."""
     fits = [
         max(
             len(tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=False))
             for side in ("chosen", "rejected")
         )
-        <= args.max_length
-        for row in data["train"]
+        <= max_length
+        for row in train_dataset
     ]
     if not any(fits):
-        raise ValueError(f"every training pair is longer than --max-length={args.max_length} tokens: raise it")
-    print(
-        f"{sum(fits):,} of {len(fits):,} training pairs fit in {args.max_length} tokens (RewardTrainer drops the rest)"
-    )
-    held_out = list(data["test"])
-    start = time.perf_counter()
-    before = pairwise_accuracy(model, tokenizer, held_out, args.max_length)
-    print(f"held-out pairwise accuracy before training: {before['accuracy']:.1%}")
+        raise ValueError(f"every training pair is longer than --max-length={max_length} tokens: raise it")
+    print(f"{sum(fits):,} of {len(fits):,} training pairs fit in {max_length} tokens (RewardTrainer drops the rest)")
+
+
+def train(model, tokenizer, peft_config, train_dataset, config):
+    from trl import RewardTrainer
+
     trainer = RewardTrainer(
-        model=model,
-        args=reward_config(args),
-        train_dataset=data["train"],
-        processing_class=tokenizer,
-        peft_config=peft_config,
+        model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
     )
     trainer.train()
-    model = trainer.model
-    if args.lora:
-        model = model.merge_and_unload()
-    after = pairwise_accuracy(model, tokenizer, held_out, args.max_length)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    options, config = parse_args(argv)
+    data = load_preference_dataset(options.data, max_examples=options.max_examples)  # bad rows fail before loading
+    model, tokenizer, peft_config = load_model(options, config)
+    check_lengths(tokenizer, data["train"], config.max_length)
+    held_out = list(data["test"])
+
+    start = time.perf_counter()
+    before = pairwise_accuracy(model, tokenizer, held_out, config.max_length)
+    print(f"held-out pairwise accuracy before training: {before['accuracy']:.1%}")
+    trainer = train(model, tokenizer, peft_config, data["train"], config)
+    model = trainer.model.merge_and_unload() if options.lora else trainer.model
+    after = pairwise_accuracy(model, tokenizer, held_out, config.max_length)
     minutes = (time.perf_counter() - start) / 60
     print(f"held-out pairwise accuracy after training: {after['accuracy']:.1%} ({minutes:.1f} min)")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    out_model = args.out / "model"
-    tiny_hf.save_model(model, tokenizer, out_model)
-    plot_margins(before["margins"], after["margins"], args.out / "margins.png")
+    tiny_hf.save_model(model, tokenizer, options.out / "model")
+    plot_margins(before["margins"], after["margins"], options.out / "margins.png")
+    figures = summary_figures(options, config, data, held_out, before, after, trainer, minutes)
+    write_summary("reward_model", figures, summary_markdown(figures), options.out, options.results)
+    if options.results is not None:
+        plot_margins(before["margins"], after["margins"], options.results / "reward_margins.png")
+    return figures
+
+
+def summary_figures(options, config, data, held_out, before, after, trainer, minutes: float) -> dict:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    figures = {
-        "model": args.model,
-        "data": args.data,
-        "lora": args.lora,
+    return {
+        "model": options.model,
+        "data": options.data,
+        "lora": options.lora,
         "train_pairs": len(data["train"]),
         "held_out_pairs": len(held_out),
-        "max_steps": args.max_steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
+        "max_steps": config.max_steps,
+        "batch_size": config.per_device_train_batch_size,
+        "lr": config.learning_rate,
         "minutes": round(minutes, 2),
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
@@ -225,14 +231,6 @@ def main(argv=None) -> dict:
         "after": {k: v for k, v in after.items() if k != "margins"},
         "median_margin_after": float(torch.tensor(after["margins"]).median()),
     }
-    table = summary_markdown(figures)
-    (args.out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (args.out / "summary.md").write_text(table)
-    if args.results is not None:
-        write_results("reward_model", figures, table, args.results)
-        plot_margins(before["margins"], after["margins"], args.results / "reward_margins.png")
-    print(table)
-    return figures
 
 
 def summary_markdown(figures: dict) -> str:

@@ -1,8 +1,12 @@
 """Supervised fine-tuning (SFT): teach a pretrained run to answer questions, with TRL's `SFTTrainer`.
 
-    python alignment/sft.py --model runs/demo --out runs/sft                 # the embedded docstring Q&A
-    python alignment/sft.py --model runs/demo --data chats.jsonl --max-steps 1000
-    accelerate launch alignment/sft.py --model runs/demo --out runs/sft    # several processes / GPUs
+    tiny-hf sft --model runs/demo --out runs/sft                          # the embedded docstring Q&A
+    tiny-hf sft --model runs/demo --data chats.jsonl --max-steps 1000 --learning-rate 5e-4
+    accelerate launch -m alignment.sft --model runs/demo --out runs/sft   # several processes / GPUs
+
+Options: every field of TRL's `SFTConfig` (`--max-steps`, `--per-device-train-batch-size`, `--learning-rate`,
+`--max-length`, `--packing-strategy`, ...; `--config file.yaml` too) and this stage's own (`SFTOptions`). The
+project's defaults where they differ from TRL's are `DEFAULTS` (and `alignment.trl_defaults`).
 
 The chat template (ChatML, with `{% generation %}` markers around assistant turns) turns each conversation into
 tokens, and the loss counts only the assistant's tokens (`assistant_only_loss`): the model learns to answer, not to
@@ -11,54 +15,63 @@ each one starts by restarting `position_ids`, and the model keeps attention insi
 (tiny_hf's attention does; check a model you bring, see FACTS on padding-free packing).
 
 Reports the held-out assistant-token loss before and after, and greedy answers to held-out questions side by side
-(generated with tiny_hf's engine), in `<out>/summary.md`; `--results bench/results` also writes `sft.md`/`.json`.
+(generated with `tiny_hf.chat`), in `<out>/summary.md`; `--results bench/results` also writes `sft.md`/`.json`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_hf
-from alignment import trl_defaults
+from alignment import place_trainer_output, trl_defaults, write_summary
 from alignment.data import exact_match_reward, load_chat_dataset
-from tiny_hf.engine import Engine, SamplingParams
-from tiny_hf.results import markdown_cell, write_results
+from tiny_hf.chat import chat_generate
+from tiny_hf.options import parse_options
+from tiny_hf.results import markdown_cell
 from tiny_hf.runs import model_path
 
-IM_END = "<|im_end|>"
+# SFTConfig fields whose project default differs from TRL's (with alignment.trl_defaults): what a run on the demo
+# model needs; `max_length` is also capped at the model's window.
+DEFAULTS = {
+    "max_steps": 300,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 20,
+    "max_length": 256,
+    "assistant_only_loss": True,
+    "packing": True,
+}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="runs/demo", help="a run folder, a model folder or a Hub id")
-    model.add_argument("--trust-remote-code", action="store_true")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="embedded", help="embedded, a .json/.jsonl file or folder, or a Hub name")
-    data.add_argument("--max-examples", type=int, default=None, help="train on a fixed subset (quick runs)")
-    data.add_argument("--max-length", type=int, default=256, help="tokens per packed row (at most the window)")
-    data.add_argument("--packing", choices=["bfd", "wrapped", "none"], default="bfd")
-    train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, default=300)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--warmup-steps", type=int, default=20)
-    train.add_argument("--seed", type=int, default=0)
-    report = parser.add_argument_group("report")
-    report.add_argument("--eval-examples", type=int, default=200, help="held-out conversations for the loss")
-    report.add_argument("--samples", type=int, default=5, help="held-out questions answered before and after")
-    report.add_argument("--max-new-tokens", type=int, default=48)
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path("runs/sft"))
-    out.add_argument("--results", type=Path, default=None, help="also write sft.md/.json here (bench/results)")
-    return parser.parse_args(argv)
+@dataclass
+class SFTOptions:
+    """This stage's own options; the trainer's are TRL's `SFTConfig`."""
+
+    model: str = field(default="runs/demo", metadata={"help": "a run folder, a model folder or a Hub id"})
+    data: str = field(default="embedded", metadata={"help": "embedded, a .json/.jsonl file or folder, or a Hub name"})
+    max_examples: int | None = field(default=None, metadata={"help": "train on a fixed subset (quick runs)"})
+    eval_examples: int = field(default=200, metadata={"help": "held-out conversations for the loss"})
+    samples: int = field(default=5, metadata={"help": "held-out questions answered before and after"})
+    max_new_tokens: int = field(default=48, metadata={"help": "tokens per generated answer"})
+    out: Path = field(default=Path("runs/sft"), metadata={"help": "model/, summary.md and the trainer's files"})
+    results: Path | None = field(default=None, metadata={"help": "also write sft.md/.json here (bench/results)"})
+
+
+def parse_args(argv: list[str] | None = None):
+    """(SFTOptions, SFTConfig) from the command line (and `--config`), with the project's defaults."""
+    from trl import SFTConfig
+
+    options, config = parse_options(
+        SFTOptions, SFTConfig, argv=argv, description=__doc__, defaults={**trl_defaults(), **DEFAULTS}
+    )
+    place_trainer_output(config, options.out)
+    return options, config
 
 
 @torch.no_grad()
@@ -95,131 +108,110 @@ def assistant_loss(model, tokenizer, conversations: list[list[dict]], batch_size
 
 
 def answer(model, tokenizer, questions: list[list[dict]], max_new_tokens: int) -> list[str]:
-    """Greedy answers to chat prompts (the conversation without its last assistant turn), through the engine."""
-    engine = Engine(
-        model,
-        tokenizer,
-        max_batch_size=max(1, min(32, len(questions))),
-        max_queue=max(1, len(questions)),
-        window_policy="truncate",
-    )
-    end = tokenizer.convert_tokens_to_ids(IM_END)
-    prompts = [
-        tokenizer.apply_chat_template(q, add_generation_prompt=True, tokenize=True, return_dict=False)
-        for q in questions
-    ]
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0, stop_token_ids=[end])
-    return [done.text.strip() for done in engine.generate(prompts, params)]
+    """Greedy answers to chat prompts (the conversation without its last assistant turn)."""
+    return [reply.text for reply in chat_generate(model, tokenizer, questions, max_new_tokens=max_new_tokens)]
 
 
-def sft_config(args: argparse.Namespace, max_length: int):
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=str(args.out / "trainer"),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_steps,
-        weight_decay=0.0,
-        logging_steps=10,
-        seed=args.seed,
-        max_length=max_length,
-        assistant_only_loss=True,
-        packing=args.packing != "none",
-        packing_strategy=args.packing if args.packing != "none" else "bfd",
-        **trl_defaults(),
-    )
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    from trl import SFTTrainer
-
+# ---------------------------------------------------------------------------------------------------------------------
+# The stage: setup, evaluate, train, finish
+# ---------------------------------------------------------------------------------------------------------------------
+def load_model(options: SFTOptions, config):
+    """The model and tokenizer to fine-tune; the tokenizer's template must mark assistant turns for the loss."""
     try:
-        path = model_path("--model", args.model)
+        path = model_path("--model", options.model)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     if tokenizer.chat_template is None or "generation" not in tokenizer.chat_template:
         raise SystemExit(
             "error: the tokenizer's chat template has no {% generation %} markers, which "
             "assistant-only loss needs (TinyTokenizerFast's template has them)"
         )
-    max_length = min(args.max_length, model.config.max_position_embeddings)
-    data = load_chat_dataset(args.data, max_examples=args.max_examples)
-    test = list(data["test"])
-    held_out = [row["messages"] for row in test if row.get("task", "docs") == "docs"][: args.eval_examples]
-    verifiable = [row for row in test if row.get("task") == "verifiable"][: args.eval_examples]
+    config.max_length = min(config.max_length, model.config.max_position_embeddings)
+    return model, tokenizer
 
-    def exact_match(model) -> float | None:
-        """Held-out share of verifiable questions answered with the defining module (greedy)."""
-        if not verifiable:
-            return None
-        answers = answer(model, tokenizer, [r["messages"][:-1] for r in verifiable], args.max_new_tokens)
-        return sum(exact_match_reward(answers, [r["module"] for r in verifiable])) / len(verifiable)
 
-    questions = [m[:-1] for m in held_out[: args.samples]]
-    references = [m[-1]["content"] for m in held_out[: args.samples]]
+def held_out_sets(test, eval_examples: int) -> dict:
+    """The held-out docs conversations (for the loss and the samples) and verifiable rows (for exact match)."""
+    rows = list(test)
+    return {
+        "docs": [row["messages"] for row in rows if row.get("task", "docs") == "docs"][:eval_examples],
+        "verifiable": [row for row in rows if row.get("task") == "verifiable"][:eval_examples],
+    }
+
+
+def evaluate(model, tokenizer, held_out: dict, options: SFTOptions) -> dict:
+    """Held-out assistant loss, greedy exact match on the verifiable questions (None without any) and greedy
+    answers to the first `--samples` docs questions."""
+    verifiable = held_out["verifiable"]
+    exact_match = None
+    if verifiable:
+        answers = answer(model, tokenizer, [r["messages"][:-1] for r in verifiable], options.max_new_tokens)
+        exact_match = sum(exact_match_reward(answers, [r["module"] for r in verifiable])) / len(verifiable)
+    questions = [m[:-1] for m in held_out["docs"][: options.samples]]
+    return {
+        "loss": assistant_loss(model, tokenizer, held_out["docs"]),
+        "exact_match": exact_match,
+        "answers": answer(model, tokenizer, questions, options.max_new_tokens),
+    }
+
+
+def train(model, tokenizer, train_dataset, config):
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    options, config = parse_args(argv)
+    model, tokenizer = load_model(options, config)
+    data = load_chat_dataset(options.data, max_examples=options.max_examples)
+    held_out = held_out_sets(data["test"], options.eval_examples)
 
     start = time.perf_counter()
-    before = {
-        "loss": assistant_loss(model, tokenizer, held_out),
-        "exact_match": exact_match(model),
-        "answers": answer(model, tokenizer, questions, args.max_new_tokens),
-    }
+    before = evaluate(model, tokenizer, held_out, options)
     print(f"held-out assistant loss before SFT: {before['loss']:.3f}")
-    trainer = SFTTrainer(
-        model=model, args=sft_config(args, max_length), train_dataset=data["train"], processing_class=tokenizer
-    )
-    trainer.train()
-    model = trainer.model
-    after = {
-        "loss": assistant_loss(model, tokenizer, held_out),
-        "exact_match": exact_match(model),
-        "answers": answer(model, tokenizer, questions, args.max_new_tokens),
-    }
+    trainer = train(model, tokenizer, data["train"], config)
+    after = evaluate(trainer.model, tokenizer, held_out, options)
     minutes = (time.perf_counter() - start) / 60
     print(f"held-out assistant loss after SFT: {after['loss']:.3f} ({minutes:.1f} min)")
 
-    out_model = args.out / "model"
-    tiny_hf.save_model(model, tokenizer, out_model)
+    tiny_hf.save_model(trainer.model, tokenizer, options.out / "model")
+    figures = summary_figures(options, config, data, held_out, before, after, trainer, minutes)
+    write_summary("sft", figures, summary_markdown(figures), options.out, options.results)
+    return figures
+
+
+def summary_figures(options, config, data, held_out, before, after, trainer, minutes: float) -> dict:
+    samples = held_out["docs"][: options.samples]
     train_losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    figures = {
-        "model": args.model,
-        "data": args.data,
+    return {
+        "model": options.model,
+        "data": options.data,
         "train_conversations": len(data["train"]),
-        "held_out_conversations": len(held_out),
-        "max_steps": args.max_steps,
-        "batch_size": args.batch_size,
-        "max_length": max_length,
-        "packing": args.packing,
-        "lr": args.lr,
+        "held_out_conversations": len(held_out["docs"]),
+        "max_steps": config.max_steps,
+        "batch_size": config.per_device_train_batch_size,
+        "max_length": config.max_length,
+        "packing": config.packing_strategy if config.packing else "none",
+        "lr": config.learning_rate,
         "minutes": round(minutes, 2),
         "held_out_loss_before": before["loss"],
         "held_out_loss_after": after["loss"],
-        "verifiable_held_out": len(verifiable),
+        "verifiable_held_out": len(held_out["verifiable"]),
         "exact_match_before": before["exact_match"],
         "exact_match_after": after["exact_match"],
         "first_train_loss": train_losses[0] if train_losses else None,
         "last_train_loss": train_losses[-1] if train_losses else None,
         "samples": [
-            {"question": q[-1]["content"], "reference": ref, "before": b, "after": a}
-            for q, ref, b, a in zip(questions, references, before["answers"], after["answers"], strict=True)
+            {"question": m[-2]["content"], "reference": m[-1]["content"], "before": b, "after": a}
+            for m, b, a in zip(samples, before["answers"], after["answers"], strict=True)
         ],
     }
-    table = summary_markdown(figures)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (args.out / "summary.md").write_text(table)
-    if args.results is not None:
-        write_results("sft", figures, table, args.results)
-    print(table)
-    return figures
 
 
 def summary_markdown(figures: dict) -> str:

@@ -1,7 +1,7 @@
 """A Gradio demo of a tiny_hf model: chat, grounded answers, tokenizer playground, attention maps and the model card.
 
-    python -m app.demo --model runs/demo        # then open http://127.0.0.1:7860
-    python -m app.demo --model runs/sft --rag-index runs/rag-index   # adds the "Ask the docs" tab
+    tiny-hf chat --model runs/demo        # then open http://127.0.0.1:7860
+    tiny-hf chat --model runs/sft --rag-index runs/rag-index   # adds the "Ask the docs" tab
 
 `--model` is a run folder (`make demo` writes `runs/demo`; its `model/` subfolder is loaded and its
 `loss_curve.png` and `summary.md` go on the model card), a model folder, or a Hub id. Generation goes through
@@ -14,7 +14,7 @@ Tabs, and the API endpoints behind them (for `gradio_client.Client(url).predict(
   template; when it outgrows the context window the oldest turns are left out (the system prompt stays).
   `/chat(message, history, system_prompt, temperature, top_p, top_k, max_tokens, repetition_penalty)` streams
   the growing reply text; `history` is a list of `{"role": ..., "content": ...}` dicts (or None).
-- **Ask the docs** (only with `--rag-index DIR`, an index folder of `python -m rag.index`): a question answered
+- **Ask the docs** (only with `--rag-index DIR`, an index folder of `tiny-hf index`): a question answered
   greedily from the index's passages, cited as [1], [2] (rag/answer.py, on the same engine loop as the chat).
   `/ask(question, k, mode, max_tokens)` streams (passages, answer): the passages that fit the prompt as a table
   (columns #, document, score, cited: ✓ once the answer cites it, passage) and the growing answer text.
@@ -26,11 +26,10 @@ Tabs, and the API endpoints behind them (for `gradio_client.Client(url).predict(
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
-import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -38,45 +37,17 @@ import torch
 from matplotlib.figure import Figure
 
 import tiny_hf  # noqa: F401  (registers the Auto classes, so run folders load without trust_remote_code)
+from app.launch import LOAD_ERRORS, ModelOptions, RetrievalOptions, cannot_load, load_engine
 from rag.answer import Source, cite, grounded_prompt
 from rag.index import SEARCH_MODES, load_rag_index
+from tiny_hf.chat import end_of_turn_ids
 from tiny_hf.engine import ContextWindowError, Engine, EngineLoop, SamplingParams, fit_messages
-from tiny_hf.runs import resolve_model
+from tiny_hf.options import parse_options
 
 RUN_FILES = ("loss_curve.png", "summary.md")  # what training/report.py writes beside it
 ATTENTION_MAX_TOKENS = 48  # a heatmap with more rows than this is unreadable
 TOKENIZE_MAX_CHARS = 20_000  # keeps one request from tying up the tokenizer tab
-IM_END = "<|im_end|>"  # ChatML's end of turn: where a chat reply stops
 PASSAGE_COLUMNS = ["#", "document", "score", "cited", "passage"]  # the Ask the docs table
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------------------------
-def load_engine(
-    model: str,
-    *,
-    device: str | None = None,
-    max_seq_len: int | None = None,
-    trust_remote_code: bool = False,
-    max_batch_size: int = 8,
-) -> tuple[Engine, list[Path]]:
-    """The engine for `model` (see `resolve_model`) and the folders that may hold its report files.
-
-    Raises:
-        FileNotFoundError / OSError: `model` is neither a local model nor a loadable Hub id.
-        TypeError: the model is not one the engine runs (TinyForCausalLM-style).
-    """
-    name_or_path, run_dirs = resolve_model(model)
-    engine = Engine.from_pretrained(
-        name_or_path,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        max_batch_size=max_batch_size,
-        max_seq_len=max_seq_len,
-        window_policy="reject",  # chat prompts are fitted here, turn by turn, before they reach the engine
-    )
-    return engine, run_dirs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -107,14 +78,13 @@ def chat_params(
     tokenizer, *, temperature: float, top_p: float, top_k: int, max_tokens: int, repetition_penalty: float
 ) -> SamplingParams:
     """SamplingParams for a chat reply: it stops at the end of the assistant's turn. Raises ValueError."""
-    stop_ids = [tokenizer.convert_tokens_to_ids(IM_END)] if IM_END in tokenizer.get_vocab() else []
     return SamplingParams(
         max_tokens=int(max_tokens),
         temperature=float(temperature),
         top_p=float(top_p),
         top_k=int(top_k),
         repetition_penalty=float(repetition_penalty),
-        stop_token_ids=stop_ids,
+        stop_token_ids=end_of_turn_ids(tokenizer),
     )
 
 
@@ -264,8 +234,267 @@ def find_run_file(run_dirs: list[Path], name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The app
+# The handlers every tab calls, over one engine loop
 # ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class DemoApp:
+    """What the tabs share: the running engine loop, the model's name and run folders, and the retrieval index.
+    Its methods are the handlers behind the tabs and the API endpoints; errors reach the user as `gr.Error`."""
+
+    loop: EngineLoop
+    model: str
+    run_dirs: list[Path] = field(default_factory=list)
+    rag_index: object | None = None  # a rag.index.RagIndex: the Ask the docs tab
+    max_batch_size: int = 8  # replies generated together; more wait in Gradio's queue
+
+    @property
+    def engine(self) -> Engine:
+        return self.loop.engine
+
+    @property
+    def reply_room(self) -> int:
+        """The most tokens a reply may take; the rest of the window is for the conversation."""
+        return max(1, self.engine.max_seq_len // 2)
+
+    def params(self, temperature, top_p, top_k, max_tokens, repetition_penalty) -> SamplingParams:
+        try:
+            return chat_params(
+                self.engine.tokenizer,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                max_tokens=max_tokens,
+                repetition_penalty=repetition_penalty,
+            )
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+
+    def chat(
+        self,
+        message: str,
+        history: list[dict] | None = None,
+        system_prompt: str = "",
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        top_k: int = 50,
+        max_tokens: int = 64,
+        repetition_penalty: float = 1.1,
+    ) -> Iterator[str]:
+        """Stream the assistant's reply to `message` after `history` (a list of {"role", "content"} dicts)."""
+        params = self.params(temperature, top_p, top_k, max_tokens, repetition_penalty)
+        history = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+        messages = with_system(system_prompt, [*history, {"role": "user", "content": message}])
+        try:
+            prompt_ids, _ = chat_prompt(self.engine, messages, params.max_tokens)
+        except ContextWindowError as error:
+            raise gr.Error(str(error)) from None
+        yield from stream_reply(self.loop, prompt_ids, params)
+
+    def respond(
+        self, history: list[dict], system_prompt: str, temperature, top_p, top_k, max_tokens, repetition_penalty
+    ) -> Iterator[list[dict]]:
+        """The Chat tab's handler: the Chatbot's messages in, the same with the growing reply out."""
+        if not history or history[-1]["role"] != "user":
+            yield history  # nothing new to answer (an empty message was sent)
+            return
+        params = self.params(temperature, top_p, top_k, max_tokens, repetition_penalty)
+        # Notices (messages with a title, below) are for the reader, not the model.
+        conversation = [
+            {"role": m["role"], "content": message_text(m["content"])}
+            for m in history
+            if not (m.get("metadata") or {}).get("title")
+        ]
+        try:
+            prompt_ids, dropped = chat_prompt(self.engine, with_system(system_prompt, conversation), params.max_tokens)
+        except ContextWindowError as error:
+            # Take the message back out (sent again, it would fail again) and say why, in the chat.
+            notice = {
+                "role": "assistant",
+                "content": f"{error}. Shorten the message or the system prompt, or lower max new tokens.",
+                "metadata": {"title": "⚠️ This message does not fit the context window and was not sent"},
+            }
+            yield [*history[:-1], notice]
+            return
+        if dropped:
+            window = self.engine.max_seq_len
+            gr.Warning(f"The {dropped} oldest messages did not fit the {window}-token window: left out.")
+        answer = {"role": "assistant", "content": ""}
+        history = [*history, answer]
+        yield history
+        for reply in stream_reply(self.loop, prompt_ids, params):
+            answer["content"] = reply
+            yield history
+
+    def ask(self, question: str, k: int = 4, mode: str = "hybrid", max_tokens: int = 64) -> Iterator[tuple[list, str]]:
+        """Stream (the passages table, the answer so far); the cited column fills in as the answer cites."""
+        params = self.params(0.0, 1.0, 0, max_tokens, 1.0)  # greedy: the same answer on every run
+        try:
+            prompt_ids, sources, dropped = grounded_prompt(
+                question,
+                self.rag_index,
+                self.engine.tokenizer,
+                window=self.engine.max_seq_len,
+                k=int(k),
+                mode=mode,
+                max_new_tokens=params.max_tokens,
+            )
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        if dropped:
+            gr.Warning(f"{dropped} of the {len(sources) + dropped} passages did not fit the prompt: left out.")
+        yield passage_rows(sources), ""
+        for reply in stream_reply(self.loop, prompt_ids, params):
+            grounded = cite(reply.strip(), sources)
+            yield passage_rows(sources, grounded.citations), grounded.text
+
+    def tokenize(self, text: str) -> tuple[list[tuple[str, str]], str]:
+        return tokenize(self.engine.tokenizer, text)
+
+    def attention(self, prompt: str, layer: int, head: int) -> Figure:
+        try:
+            return attention_figure(self.engine, prompt, int(layer), int(head))
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+
+
+def with_system(system_prompt: str, messages: list[dict]) -> list[dict]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
+    return system + messages
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tabs: one function each, building its components and wiring them to the handlers
+# ---------------------------------------------------------------------------------------------------------------------
+GENERATE = {"concurrency_id": "generate"}  # every generating event shares one queue, as wide as the engine's batch
+
+
+def sampling_controls(reply_room: int) -> list[gr.Slider]:
+    """temperature, top_p, top_k, max new tokens and repetition penalty, in the order the handlers take them."""
+    with gr.Row():
+        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0 = greedy)", elem_id="temperature")
+        top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="top_p")
+        top_k = gr.Slider(0, 200, value=50, step=1, precision=0, label="top_k (0 = off)")
+    with gr.Row():
+        max_tokens = gr.Slider(1, reply_room, value=min(128, reply_room), step=1, precision=0, label="max new tokens")
+        repetition_penalty = gr.Slider(0.5, 2, value=1.1, step=0.05, label="repetition penalty (1 = off)")
+    return [temperature, top_p, top_k, max_tokens, repetition_penalty]
+
+
+def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
+    if not message.strip():
+        return message, history
+    return "", [*history, {"role": "user", "content": message}]
+
+
+def chat_tab(app: DemoApp) -> None:
+    """Streaming chat with a system prompt and sampling controls, Stop and Clear; and the /chat API endpoint."""
+    with gr.Tab("Chat", id="chat"):
+        chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"])
+        message = gr.Textbox(
+            placeholder="Type a message and press Enter", show_label=False, submit_btn="Send", elem_id="chat-input"
+        )
+        with gr.Row():
+            stop = gr.Button("Stop", variant="stop", size="sm")
+            clear = gr.ClearButton([message, chatbot], value="Clear", size="sm")
+        with gr.Accordion("System prompt and sampling", open=False):
+            system_prompt = gr.Textbox(label="System prompt (optional)", lines=2)
+            sampling = sampling_controls(app.reply_room)
+        sent = message.submit(
+            add_user_message, [message, chatbot], [message, chatbot], queue=False, api_visibility="private"
+        )
+        answering = sent.then(
+            app.respond,
+            [chatbot, system_prompt, *sampling],
+            chatbot,
+            api_visibility="private",
+            concurrency_limit=app.max_batch_size,
+            **GENERATE,
+        )
+        stop.click(None, cancels=[answering], api_visibility="private")
+        clear.click(None, cancels=[answering], api_visibility="private")
+        gr.api(app.chat, api_name="chat", concurrency_limit=app.max_batch_size, **GENERATE)
+
+
+def ask_tab(app: DemoApp) -> None:
+    """A question answered from the index's passages with citations; the passages in the prompt as a table."""
+    with gr.Tab("Ask the docs", id="ask-docs"):
+        question = gr.Textbox(
+            label=f"Question (answered from {len(app.rag_index)} indexed passages)",
+            placeholder="How do I parse JSON text?",
+            submit_btn="Ask",
+            elem_id="rag-question",
+        )
+        with gr.Row():
+            k = gr.Slider(1, 10, value=4, step=1, precision=0, label="passages retrieved (k)")
+            mode = gr.Radio(list(SEARCH_MODES), value="hybrid", label="retrieval")
+            room = app.reply_room
+            tokens = gr.Slider(
+                1, room, value=min(64, room), step=1, precision=0, label="max new tokens", elem_id="rag-max-tokens"
+            )
+        answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="rag-answer")
+        passages = gr.Dataframe(
+            headers=PASSAGE_COLUMNS,
+            datatype=["number", "str", "number", "str", "str"],
+            label="Passages in the prompt (cited ✓ = the answer names it as [n])",
+            interactive=False,
+            wrap=True,
+            elem_id="rag-passages",
+        )
+        question.submit(
+            app.ask,
+            [question, k, mode, tokens],
+            [passages, answer],
+            api_name="ask",
+            concurrency_limit=app.max_batch_size,
+            **GENERATE,
+        )
+
+
+def tokenizer_tab(app: DemoApp, demo: gr.Blocks) -> None:
+    """The text cut into tokens, each labelled with its id, and the counts; updated as the text changes."""
+    with gr.Tab("Tokenizer", id="tokenizer"):
+        text = gr.Textbox(
+            label="Text",
+            lines=4,
+            value="The json module encodes Python objects as JSON text.",
+            elem_id="tokenizer-input",
+        )
+        counts = gr.Markdown(elem_id="tokenizer-counts")
+        tokens = gr.HighlightedText(
+            label="Tokens (each labelled with its id)", show_legend=False, elem_id="tokenizer-tokens"
+        )
+        text.change(app.tokenize, text, [tokens, counts], api_name="tokenize")
+        demo.load(app.tokenize, text, [tokens, counts], api_visibility="private")
+
+
+def attention_tab(app: DemoApp) -> None:
+    """One head's attention over a prompt as a heatmap."""
+    config = app.engine.config
+    with gr.Tab("Attention", id="attention"):
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value="To open a file, use the built-in open", scale=3)
+            layer = gr.Slider(0, config.num_hidden_layers - 1, value=0, step=1, precision=0, label="layer")
+            head = gr.Slider(0, config.num_attention_heads - 1, value=0, step=1, precision=0, label="head")
+        show = gr.Button("Show attention", variant="primary")
+        heatmap = gr.Plot(label=f"attention (first {ATTENTION_MAX_TOKENS} tokens)", format="png")
+        show.click(app.attention, [prompt, layer, head], heatmap, api_name="attention")
+
+
+def model_card_tab(app: DemoApp) -> None:
+    """The model's size and shape, the run's training curves and summary, and its config."""
+    with gr.Tab("Model card", id="model-card"):
+        gr.Markdown(model_summary(app.engine, app.model))
+        curve, summary = (find_run_file(app.run_dirs, name) for name in RUN_FILES)
+        if curve is not None:
+            gr.Image(str(curve), label="training curves", interactive=False)
+        if summary is not None:
+            with gr.Accordion("Run summary (summary.md)", open=True):
+                gr.Markdown(summary.read_text(encoding="utf-8"))
+        if curve is None and summary is None:
+            gr.Markdown("*No `loss_curve.png` or `summary.md` beside this model (training runs have them).*")
+        gr.JSON(json.loads(app.engine.config.to_json_string()), label="config.json", open=True)
+
+
 def build_demo(
     model: str,
     *,
@@ -290,7 +519,7 @@ def build_demo(
         closed, shuts down the other (`loop.shutdown()`); `main` does both.
 
     Raises:
-        FileNotFoundError / OSError / TypeError: see `load_engine`.
+        FileNotFoundError / OSError / TypeError: see `app.launch.load_engine`.
     """
     engine, run_dirs = load_engine(
         model,
@@ -298,284 +527,53 @@ def build_demo(
         max_seq_len=max_seq_len,
         trust_remote_code=trust_remote_code,
         max_batch_size=max_batch_size,
+        window_policy="reject",  # chat prompts are fitted here, turn by turn, before they reach the engine
     )
-    tokenizer, config = engine.tokenizer, engine.config
-    loop = EngineLoop(engine).start()
-    reply_room = max(1, engine.max_seq_len // 2)  # the most a reply may take; the rest is for the conversation
-
-    def params_from(temperature, top_p, top_k, max_tokens, repetition_penalty) -> SamplingParams:
-        try:
-            return chat_params(
-                tokenizer,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                max_tokens=max_tokens,
-                repetition_penalty=repetition_penalty,
-            )
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
-
-    def with_system(system_prompt: str, messages: list[dict]) -> list[dict]:
-        system = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
-        return system + messages
-
-    # -- /chat: the API endpoint (gradio_client), OpenAI-style messages in, the growing reply out -----------------
-    def chat(
-        message: str,
-        history: list[dict] | None = None,
-        system_prompt: str = "",
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        top_k: int = 50,
-        max_tokens: int = 64,
-        repetition_penalty: float = 1.1,
-    ) -> Iterator[str]:
-        """Stream the assistant's reply to `message` after `history` (a list of {"role", "content"} dicts)."""
-        params = params_from(temperature, top_p, top_k, max_tokens, repetition_penalty)
-        history = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
-        messages = with_system(system_prompt, [*history, {"role": "user", "content": message}])
-        try:
-            prompt_ids, _ = chat_prompt(engine, messages, params.max_tokens)
-        except ContextWindowError as error:
-            raise gr.Error(str(error)) from None
-        yield from stream_reply(loop, prompt_ids, params)
-
-    # -- the Chat tab: the Chatbot's own messages in and out ------------------------------------------------------
-    def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
-        if not message.strip():
-            return message, history
-        return "", [*history, {"role": "user", "content": message}]
-
-    def respond(
-        history: list[dict], system_prompt: str, temperature, top_p, top_k, max_tokens, repetition_penalty
-    ) -> Iterator[list[dict]]:
-        if not history or history[-1]["role"] != "user":
-            yield history  # nothing new to answer (an empty message was sent)
-            return
-        params = params_from(temperature, top_p, top_k, max_tokens, repetition_penalty)
-        # Notices (messages with a title, below) are for the reader, not the model.
-        conversation = [
-            {"role": m["role"], "content": message_text(m["content"])}
-            for m in history
-            if not (m.get("metadata") or {}).get("title")
-        ]
-        try:
-            prompt_ids, dropped = chat_prompt(engine, with_system(system_prompt, conversation), params.max_tokens)
-        except ContextWindowError as error:
-            # Take the message back out (sent again, it would fail again) and say why, in the chat.
-            notice = {
-                "role": "assistant",
-                "content": f"{error}. Shorten the message or the system prompt, or lower max new tokens.",
-                "metadata": {"title": "⚠️ This message does not fit the context window and was not sent"},
-            }
-            yield [*history[:-1], notice]
-            return
-        if dropped:
-            gr.Warning(f"The {dropped} oldest messages did not fit the {engine.max_seq_len}-token window: left out.")
-        answer = {"role": "assistant", "content": ""}
-        history = [*history, answer]
-        yield history
-        for reply in stream_reply(loop, prompt_ids, params):
-            answer["content"] = reply
-            yield history
-
-    # -- Ask the docs: retrieve, fit, generate greedily on the loop, cite -----------------------------------------
-    def ask(question: str, k: int = 4, mode: str = "hybrid", max_tokens: int = 64) -> Iterator[tuple[list, str]]:
-        """Stream (the passages table, the answer so far); the cited column fills in as the answer cites."""
-        params = params_from(0.0, 1.0, 0, max_tokens, 1.0)  # greedy: the same answer on every run
-        try:
-            prompt_ids, sources, dropped = grounded_prompt(
-                question,
-                rag_index,
-                tokenizer,
-                window=engine.max_seq_len,
-                k=int(k),
-                mode=mode,
-                max_new_tokens=params.max_tokens,
-            )
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
-        if dropped:
-            gr.Warning(f"{dropped} of the {len(sources) + dropped} passages did not fit the prompt: left out.")
-        yield passage_rows(sources), ""
-        for reply in stream_reply(loop, prompt_ids, params):
-            grounded = cite(reply.strip(), sources)
-            yield passage_rows(sources, grounded.citations), grounded.text
-
+    app = DemoApp(EngineLoop(engine).start(), model, run_dirs, rag_index, max_batch_size)
     with gr.Blocks(title=f"tiny-hf · {model}") as demo:
         gr.Markdown(f"## tiny-hf demo · `{model}`")
         with gr.Tabs():
-            with gr.Tab("Chat", id="chat"):
-                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"])
-                message = gr.Textbox(
-                    placeholder="Type a message and press Enter",
-                    show_label=False,
-                    submit_btn="Send",
-                    elem_id="chat-input",
-                )
-                with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", size="sm")
-                    clear = gr.ClearButton([message, chatbot], value="Clear", size="sm")
-                with gr.Accordion("System prompt and sampling", open=False):
-                    system_prompt = gr.Textbox(label="System prompt (optional)", lines=2)
-                    with gr.Row():
-                        temperature = gr.Slider(
-                            0, 2, value=0.7, step=0.05, label="temperature (0 = greedy)", elem_id="temperature"
-                        )
-                        top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="top_p")
-                        top_k = gr.Slider(0, 200, value=50, step=1, precision=0, label="top_k (0 = off)")
-                    with gr.Row():
-                        max_tokens = gr.Slider(
-                            1, reply_room, value=min(128, reply_room), step=1, precision=0, label="max new tokens"
-                        )
-                        repetition_penalty = gr.Slider(
-                            0.5, 2, value=1.1, step=0.05, label="repetition penalty (1 = off)"
-                        )
-                sampling = [temperature, top_p, top_k, max_tokens, repetition_penalty]
-                sent = message.submit(
-                    add_user_message, [message, chatbot], [message, chatbot], queue=False, api_visibility="private"
-                )
-                answering = sent.then(
-                    respond,
-                    [chatbot, system_prompt, *sampling],
-                    chatbot,
-                    api_visibility="private",
-                    concurrency_limit=max_batch_size,
-                    concurrency_id="generate",
-                )
-                stop.click(None, cancels=[answering], api_visibility="private")
-                clear.click(None, cancels=[answering], api_visibility="private")
-                gr.api(chat, api_name="chat", concurrency_limit=max_batch_size, concurrency_id="generate")
-
+            chat_tab(app)
             if rag_index is not None:
-                with gr.Tab("Ask the docs", id="ask-docs"):
-                    question = gr.Textbox(
-                        label=f"Question (answered from {len(rag_index)} indexed passages)",
-                        placeholder="How do I parse JSON text?",
-                        submit_btn="Ask",
-                        elem_id="rag-question",
-                    )
-                    with gr.Row():
-                        rag_k = gr.Slider(1, 10, value=4, step=1, precision=0, label="passages retrieved (k)")
-                        rag_mode = gr.Radio(list(SEARCH_MODES), value="hybrid", label="retrieval")
-                        rag_tokens = gr.Slider(
-                            1,
-                            reply_room,
-                            value=min(64, reply_room),
-                            step=1,
-                            precision=0,
-                            label="max new tokens",
-                            elem_id="rag-max-tokens",
-                        )
-                    rag_answer = gr.Textbox(label="Answer", lines=3, interactive=False, elem_id="rag-answer")
-                    passages = gr.Dataframe(
-                        headers=PASSAGE_COLUMNS,
-                        datatype=["number", "str", "number", "str", "str"],
-                        label="Passages in the prompt (cited ✓ = the answer names it as [n])",
-                        interactive=False,
-                        wrap=True,
-                        elem_id="rag-passages",
-                    )
-                    question.submit(
-                        ask,
-                        [question, rag_k, rag_mode, rag_tokens],
-                        [passages, rag_answer],
-                        api_name="ask",
-                        concurrency_limit=max_batch_size,
-                        concurrency_id="generate",
-                    )
-
-            with gr.Tab("Tokenizer", id="tokenizer"):
-                text = gr.Textbox(
-                    label="Text",
-                    lines=4,
-                    value="The json module encodes Python objects as JSON text.",
-                    elem_id="tokenizer-input",
-                )
-                counts = gr.Markdown(elem_id="tokenizer-counts")
-                tokens = gr.HighlightedText(
-                    label="Tokens (each labelled with its id)", show_legend=False, elem_id="tokenizer-tokens"
-                )
-                text.change(lambda s: tokenize(tokenizer, s), text, [tokens, counts], api_name="tokenize")
-                demo.load(lambda s: tokenize(tokenizer, s), text, [tokens, counts], api_visibility="private")
-
-            with gr.Tab("Attention", id="attention"):
-                with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", value="To open a file, use the built-in open", scale=3)
-                    layer = gr.Slider(0, config.num_hidden_layers - 1, value=0, step=1, precision=0, label="layer")
-                    head = gr.Slider(0, config.num_attention_heads - 1, value=0, step=1, precision=0, label="head")
-                show = gr.Button("Show attention", variant="primary")
-                heatmap = gr.Plot(label=f"attention (first {ATTENTION_MAX_TOKENS} tokens)", format="png")
-
-                def attention(prompt: str, layer: int, head: int) -> Figure:
-                    try:
-                        return attention_figure(engine, prompt, int(layer), int(head))
-                    except ValueError as error:
-                        raise gr.Error(str(error)) from None
-
-                show.click(attention, [prompt, layer, head], heatmap, api_name="attention")
-
-            with gr.Tab("Model card", id="model-card"):
-                gr.Markdown(model_summary(engine, model))
-                curve, summary = find_run_file(run_dirs, RUN_FILES[0]), find_run_file(run_dirs, RUN_FILES[1])
-                if curve is not None:
-                    gr.Image(str(curve), label="training curves", interactive=False)
-                if summary is not None:
-                    with gr.Accordion("Run summary (summary.md)", open=True):
-                        gr.Markdown(summary.read_text(encoding="utf-8"))
-                if curve is None and summary is None:
-                    gr.Markdown("*No `loss_curve.png` or `summary.md` beside this model (training runs have them).*")
-                gr.JSON(json.loads(config.to_json_string()), label="config.json", open=True)
-    return demo, loop
+                ask_tab(app)
+            tokenizer_tab(app, demo)
+            attention_tab(app)
+            model_card_tab(app)
+    return demo, app.loop
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="runs/demo", help="a run folder, a model folder or a Hub id")
-    model.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    model.add_argument("--max-seq-len", type=int, default=None, help="context window (default: the model's)")
-    model.add_argument("--trust-remote-code", action="store_true", help="run a model folder's own code")
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 makes the demo reachable from other machines")
-    server.add_argument("--port", type=int, default=7860)
-    server.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
-    rag = parser.add_argument_group("retrieval")
-    rag.add_argument(
-        "--rag-index",
-        default=None,
-        metavar="DIR",
-        help="an index folder (python -m rag.index): adds the Ask the docs tab",
+@dataclass
+class DemoOptions:
+    _argument_group_name = "server"
+
+    host: str = field(default="127.0.0.1", metadata={"help": "0.0.0.0 makes the demo reachable from other machines"})
+    port: int = 7860
+    no_browser: bool = field(default=False, metadata={"help": "do not open a browser tab"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    model, listen, retrieval = parse_options(
+        ModelOptions, DemoOptions, RetrievalOptions, argv=argv, description=__doc__
     )
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    rag_index = load_rag_index(args.rag_index) if args.rag_index else None  # before the model: fail fast
+    rag_index = load_rag_index(retrieval.rag_index) if retrieval.rag_index else None  # before the model: fail fast
     try:
         demo, loop = build_demo(
-            args.model,
-            device=args.device,
-            max_seq_len=args.max_seq_len,
-            trust_remote_code=args.trust_remote_code,
+            model.model,
+            device=model.device,
+            max_seq_len=model.max_seq_len,
+            trust_remote_code=model.trust_remote_code,
             rag_index=rag_index,
         )
-    except (OSError, TypeError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if not Path(args.model).expanduser().exists():
-            hint = " (`make demo` trains one there)" if args.model == parse_args([]).model else ""
-            reason = f"no such folder{hint}, and as a Hub id: {reason}"
-        sys.exit(f"error: cannot load --model {args.model!r}: {reason}")
+    except LOAD_ERRORS as error:
+        raise cannot_load(model.model, error) from None
     # `kill` (SIGTERM, what service managers send) stops the demo the way Ctrl-C does, with the cleanup below.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         # Blocks until Ctrl-C; then the engine finishes what is running (up to 5 s) and stops.
-        demo.launch(server_name=args.host, server_port=args.port, inbrowser=not args.no_browser)
+        demo.launch(server_name=listen.host, server_port=listen.port, inbrowser=not listen.no_browser)
     except KeyboardInterrupt:
         pass
     finally:

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server on the tiny_hf engine: the official `openai` client (and anything that speaks its
 API) can use a tiny-hf run folder or Hub model.
 
-    python -m app.server --model runs/demo --port 8000            # binds 127.0.0.1
+    tiny-hf serve --model runs/demo --port 8000            # binds 127.0.0.1; the same as python -m app.server
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "demo", "messages": [{"role": "user", "content": "What does json.dumps do?"}]}'
 
@@ -11,7 +11,7 @@ API) can use a tiny-hf run folder or Hub model.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (`stream: true` sends server-sent events),
 `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: queue length, running requests, tokens/s, totals).
-With `--rag-index DIR` (an index folder of `python -m rag.index`) also `POST /v1/rag/answer`, grounded answers
+With `--rag-index DIR` (an index folder of `tiny-hf index`) also `POST /v1/rag/answer`, grounded answers
 (rag/answer.py) generated greedily on the same loop:
 
     curl localhost:8000/v1/rag/answer -H 'Content-Type: application/json' \\
@@ -30,33 +30,38 @@ a client that disconnects mid-stream frees its slot; on shutdown (Ctrl-C, SIGTER
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-import tiny_hf  # noqa: F401 (registers the tiny model type with the Auto classes)
 from rag.answer import QuestionTooLongError, cite, grounded_prompt
-from rag.index import load_rag_index
+from rag.index import RagIndex, load_rag_index
+from tiny_hf.chat import end_of_turn_ids
 from tiny_hf.engine import (
     WINDOW_POLICIES,
     ContextWindowError,
     Engine,
     EngineLoop,
     QueueFullError,
+    RequestOutput,
     SamplingParams,
     fit_messages,
 )
-from tiny_hf.runs import resolve_model
+from tiny_hf.options import parse_options
+
+from .launch import LOAD_ERRORS, ListenOptions, ModelOptions, RetrievalOptions, cannot_load, load_engine
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,25 +86,42 @@ class _Sampling(BaseModel):
     stream_options: dict | None = None
     user: str | None = None
 
-    def sampling_params(self, max_tokens: int | None, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, stop_token_ids: Sequence[int] = ()) -> SamplingParams:
+        """The engine's parameters for this request. Raises ApiError (400) for a combination the engine refuses."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=self.ignore_eos,
-            seed=self.seed,
-        )
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
+                stop=stop,
+                stop_token_ids=tuple(stop_token_ids),
+                ignore_eos=self.ignore_eos,
+                seed=self.seed,
+            )
+        except ValueError as error:
+            raise ApiError(400, str(error)) from error
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice: a text or a list of token ids. Raises ApiError for an empty one."""
+        prompts = self.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        return prompts
 
 
 class ChatMessage(BaseModel):
@@ -133,6 +155,9 @@ class RagRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: OpenAI's body for every one of them
+# ---------------------------------------------------------------------------------------------------------------------
 class ApiError(Exception):
     """An error answered with OpenAI's error body."""
 
@@ -163,365 +188,391 @@ def _engine_error(error: Exception) -> ApiError:
     return ApiError(400, str(error))
 
 
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's validation errors as OpenAI's 400: the first problem, naming its field and the value it got."""
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        return JSONResponse(ApiError(400, "the request body is not valid JSON").body(), status_code=400)
+    where = [str(x) for x in first.get("loc", ()) if x != "body"]
+    message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
+    if "input" in first and where:
+        message += f" (got {json.dumps(first['input'], default=str)[:100]})"
+    return JSONResponse(ApiError(400, message, param=where[0] if where else None).body(), status_code=400)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The state every route reads: app.state.server
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ServerState:
+    """The engine loop the routes share and how the server presents it (`build_app` puts it in `app.state.server`).
+
+    Args:
+        loop: The running EngineLoop; its engine's tokenizer is the chat template's.
+        model_name: The one model name requests may ask for.
+        api_key: When set, every /v1 route wants `Authorization: Bearer <api_key>`.
+        shutdown_timeout: Seconds in-flight requests get once the server stops.
+        rag_index: Serve grounded answers from it at `POST /v1/rag/answer`.
+    """
+
+    loop: EngineLoop
+    model_name: str
+    api_key: str | None = None
+    shutdown_timeout: float = 10.0
+    rag_index: RagIndex | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def engine(self) -> Engine:
+        return self.loop.engine
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            message = f"the model {name!r} does not exist; this server has {self.model_name!r}"
+            raise ApiError(404, message, param="model", code="model_not_found")
+
+    def reply_room(self, max_tokens: int | None) -> int:
+        """The tokens kept for a reply: `max_tokens`, or by default a quarter of the window (at most 256)."""
+        return max_tokens or min(256, self.engine.max_seq_len // 4)
+
+    def end_of_turn(self, ignore_eos: bool = False) -> list[int]:
+        """The ids a chat reply stops at: the end of the turn, and eos unless the request ignores it."""
+        eos = self.engine.tokenizer.eos_token_id
+        return [t for t in end_of_turn_ids(self.engine.tokenizer) if not (ignore_eos and t == eos)]
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(server_state)]
+
+
+def authorize(state: State, request: Request) -> None:
+    if state.api_key is not None and request.headers.get("authorization") != f"Bearer {state.api_key}":
+        raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running requests on the loop: to completion, or as server-sent events
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Reply:
+    """The fields every response body and stream chunk of one request repeats."""
+
+    id: str
+    object: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, choices: list[dict], **extra) -> dict:
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+
+async def _run(loop: EngineLoop, prompts: Sequence, params: SamplingParams) -> list[RequestOutput]:
+    """Run prompts to completion: each one's last output, its text the whole reply."""
+    results = []
+    for prompt in prompts:
+        text, last = [], None
+        try:
+            async for out in loop.astream(prompt, params):
+                text.append(out.text)
+                last = out
+        except (ValueError, RuntimeError) as error:
+            raise _engine_error(error) from error
+        results.append(dataclasses.replace(last, text="".join(text)))
+    return results
+
+
+def _usage(results: Sequence[RequestOutput]) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def stream_response(
+    loop: EngineLoop,
+    prompt: str | list[int],
+    params: SamplingParams,
+    reply: _Reply,
+    choices: Callable[[RequestOutput], list[dict]],
+    *,
+    opening: Sequence[dict] = (),
+    include_usage: bool = False,
+) -> StreamingResponse:
+    """One request as server-sent events: a chunk for each choice in `opening`, then for each one `choices` makes of
+    each output, a usage chunk when asked, then `[DONE]`.
+
+    The first output is awaited before the response starts, so that errors (window, full queue) become a status code
+    and not a broken event stream. A client that goes away cancels the response, which closes the engine stream: that
+    aborts the request and frees its slot.
+    """
+    stream = loop.astream(prompt, params)
+    try:
+        first = await anext(stream)
+    except (ValueError, RuntimeError) as error:
+        raise _engine_error(error) from error
+
+    async def events(out: RequestOutput) -> AsyncIterator[str]:
+        try:
+            for choice in opening:
+                yield _sse(reply.body([choice]))
+            while True:
+                for choice in choices(out):
+                    yield _sse(reply.body([choice]))
+                if out.finished:
+                    break
+                out = await anext(stream)
+            if include_usage:
+                yield _sse(reply.body([], usage=_usage([out])))
+            yield _sse("[DONE]")
+        finally:
+            await stream.aclose()
+
+    return StreamingResponse(events(first), media_type="text/event-stream")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Routes: `public` is open to all (load balancers, Prometheus), `api` and `rag` want the API key when there is one
+# ---------------------------------------------------------------------------------------------------------------------
+public = APIRouter()
+api = APIRouter(dependencies=[Depends(authorize)])
+rag = APIRouter(dependencies=[Depends(authorize)])
+
+
+@public.get("/health")
+async def health(state: State) -> dict:
+    return {"status": "ok", "model": state.model_name}
+
+
+@public.get("/metrics", response_class=PlainTextResponse)
+async def metrics(state: State) -> str:
+    lines = []
+    for key, value in state.loop.metrics().items():
+        lines += [f"# TYPE tiny_hf_{key} gauge", f"tiny_hf_{key} {float(value):.6g}"]
+    return "\n".join(lines) + "\n"
+
+
+@api.get("/v1/models")
+async def models(state: State) -> dict:
+    entry = {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "tiny-hf",
+        "max_model_len": state.engine.max_seq_len,
+    }
+    return {"object": "list", "data": [entry]}
+
+
+def _text_choice(index: int, out: RequestOutput) -> dict:
+    return {"index": index, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
+
+
+def _completion_chunks(out: RequestOutput) -> list[dict]:
+    return [_text_choice(0, out)]  # every output is a chunk, even one without text (the last, with its reason)
+
+
+@api.post("/v1/completions")
+async def completions(body: CompletionRequest, state: State):
+    state.check_model(body.model)
+    prompts = body.prompts()
+    params = body.sampling_params(body.max_tokens)
+    reply = _Reply(f"cmpl-{uuid.uuid4().hex}", "text_completion", state.model_name)
+    if body.stream:
+        if len(prompts) != 1:
+            raise ApiError(400, "stream with one prompt at a time", param="prompt")
+        return await stream_response(
+            state.loop, prompts[0], params, reply, _completion_chunks, include_usage=body.include_usage
+        )
+    results = await _run(state.loop, prompts, params)
+    return reply.body([_text_choice(i, r) for i, r in enumerate(results)], usage=_usage(results))
+
+
+def _delta(delta: dict, finish_reason: str | None = None) -> dict:
+    return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+
+def _chat_chunks(out: RequestOutput) -> list[dict]:
+    """The chat chunks of one output: its text, if any, then the finish reason once it has one."""
+    return ([_delta({"content": out.text})] if out.text else []) + (
+        [_delta({}, out.finish_reason)] if out.finished else []
+    )
+
+
+def _chat_prompt(state: ServerState, body: ChatRequest, max_tokens: int | None) -> list[int]:
+    """The messages through the chat template, fitted into the window less the reply's room (the engine's window
+    policy says whether old turns are dropped or the request refused)."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    budget = state.engine.max_seq_len - state.reply_room(max_tokens)
+    try:
+        prompt_ids, _ = fit_messages(
+            state.engine.tokenizer, messages, budget=max(budget, 1), policy=state.engine.window_policy
+        )
+    except ValueError as error:
+        raise _engine_error(error) from error
+    return prompt_ids
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, state: State):
+    state.check_model(body.model)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    prompt_ids = _chat_prompt(state, body, max_tokens)
+    params = body.sampling_params(max_tokens, stop_token_ids=state.end_of_turn(body.ignore_eos))
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        reply = _Reply(rid, "chat.completion.chunk", state.model_name)
+        opening = [_delta({"role": "assistant", "content": ""})]
+        return await stream_response(
+            state.loop, prompt_ids, params, reply, _chat_chunks, opening=opening, include_usage=body.include_usage
+        )
+    (result,) = await _run(state.loop, [prompt_ids], params)
+    message = {"role": "assistant", "content": result.text}
+    choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
+    return _Reply(rid, "chat.completion", state.model_name).body([choice], usage=_usage([result]))
+
+
+@rag.post("/v1/rag/answer")
+async def rag_answer(body: RagRequest, state: State) -> dict:
+    max_tokens = state.reply_room(body.max_tokens)
+    try:
+        # Retrieval (a dense query runs the encoder) and tokenizing are CPU work: off the event loop.
+        prompt_ids, sources, dropped = await run_in_threadpool(
+            grounded_prompt,
+            body.question,
+            state.rag_index,
+            state.engine.tokenizer,
+            window=state.engine.max_seq_len,
+            k=body.k,
+            mode=body.mode,
+            max_new_tokens=max_tokens,
+        )
+    except QuestionTooLongError as error:
+        raise ApiError(400, str(error), param="question", code="context_length_exceeded") from error
+    except ValueError as error:  # an empty question, or max_tokens leaving no room for a prompt
+        raise ApiError(400, str(error)) from error
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=state.end_of_turn())
+    (result,) = await _run(state.loop, [prompt_ids], params)
+    grounded = cite(result.text.strip(), sources, prompt_tokens=len(prompt_ids), dropped=dropped)
+    return {
+        "answer": grounded.text,
+        "citations": [c.to_dict() for c in grounded.citations],
+        "sources": [s.to_dict() for s in grounded.sources],
+        "dropped": grounded.dropped,
+        "usage": _usage([result]),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------------------------------
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    state: ServerState = app.state.server
+    state.loop.shutdown(timeout=state.shutdown_timeout)  # uvicorn has stopped accepting: finish or cancel the rest
+
+
 def build_app(
-    loop: EngineLoop, *, model_name: str, api_key: str | None = None, shutdown_timeout: float = 10.0, rag_index=None
+    loop: EngineLoop,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    shutdown_timeout: float = 10.0,
+    rag_index: RagIndex | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `loop`'s engine under the name `model_name`; with `rag_index` (a
-    `rag.index.RagIndex`) also `POST /v1/rag/answer`."""
-    engine = loop.engine
-    tokenizer = engine.tokenizer
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        loop.shutdown(timeout=shutdown_timeout)  # uvicorn has stopped accepting; finish or cancel in-flight requests
-
-    app = FastAPI(title="tiny-hf", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(ApiError(400, "the request body is not valid JSON").body(), status_code=400)
-        where = [str(x) for x in first.get("loc", ()) if x != "body"]
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
-        if "input" in first and where:
-            message += f" (got {json.dumps(first['input'], default=str)[:100]})"
-        return JSONResponse(ApiError(400, message, param=where[0] if where else None).body(), status_code=400)
-
-    def authorize(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise ApiError(
-                401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise ApiError(
-                404,
-                f"the model {name!r} does not exist; this server has {model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
-
-    auth = [Depends(authorize)]
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": model_name}
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
-        lines = []
-        for key, value in loop.metrics().items():
-            lines += [f"# TYPE tiny_hf_{key} gauge", f"tiny_hf_{key} {float(value):.6g}"]
-        return "\n".join(lines) + "\n"
-
-    @app.get("/v1/models", dependencies=auth)
-    async def models() -> dict:
-        entry = {
-            "id": model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "tiny-hf",
-            "max_model_len": engine.max_seq_len,
-        }
-        return {"object": "list", "data": [entry]}
-
-    def reply_room(max_tokens: int | None) -> int:
-        """The tokens kept for a reply: `max_tokens`, or by default a quarter of the window (at most 256)."""
-        return max_tokens or min(256, engine.max_seq_len // 4)
-
-    def stop_at_end_of_turn() -> tuple[int, ...]:
-        return (end_of_turn,) if end_of_turn is not None else ()
-
-    async def run(prompts: list, params: SamplingParams, request: Request) -> list[dict]:
-        """Run prompts to completion; each result has text, finish_reason and token counts."""
-        results = []
-        for prompt in prompts:
-            text, last = [], None
-            try:
-                async for out in loop.astream(prompt, params):
-                    text.append(out.text)
-                    last = out
-            except (ValueError, RuntimeError) as error:
-                raise _engine_error(error) from error
-            counts = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens}
-            results.append({"text": "".join(text), "finish_reason": last.finish_reason, **counts})
-        return results
-
-    def usage(results: list[dict]) -> dict:
-        prompt = sum(r["prompt_tokens"] for r in results)
-        completion = sum(r["completion_tokens"] for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    async def first_output(stream):
-        """Start a stream and fetch its first output, so that errors (window, queue) become a status code and not a
-        broken event stream."""
-        try:
-            return await anext(stream)
-        except (ValueError, RuntimeError) as error:
-            raise _engine_error(error) from error
-
-    def sse(payload: dict | str) -> str:
-        return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        prompts = body.prompt
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ApiError(400, "prompt must not be empty", param="prompt")
-        params = _params(body, body.max_tokens)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if not body.stream:
-            results = await run(prompts, params, request)
-            choices = [
-                {"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
-                for i, r in enumerate(results)
-            ]
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": now,
-                "model": model_name,
-                "choices": choices,
-                "usage": usage(results),
-            }
-        if len(prompts) != 1:
-            raise ApiError(400, "stream with one prompt at a time", param="prompt")
-        stream = loop.astream(prompts[0], params)
-        first = await first_output(stream)
-
-        async def events():
-            out = first
-            while True:
-                chunk = {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": now,
-                    "model": model_name,
-                    "choices": [{"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}],
-                }
-                yield sse(chunk)
-                if out.finished:
-                    break
-                out = await anext(stream)
-            if (body.stream_options or {}).get("include_usage"):
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": now,
-                        "model": model_name,
-                        "choices": [],
-                        "usage": usage(
-                            [{"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}]
-                        ),
-                    }
-                )
-            yield sse("[DONE]")
-
-        return StreamingResponse(_closing(events(), stream), media_type="text/event-stream")
-
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(body: ChatRequest, request: Request):
-        check_model(body.model)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-        ]
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        budget = engine.max_seq_len - reply_room(max_tokens)
-        try:
-            prompt_ids, _dropped = fit_messages(
-                tokenizer, messages, budget=max(budget, 1), policy=engine.window_policy
-            )
-        except ValueError as error:
-            raise _engine_error(error) from error
-        params = _params(body, max_tokens, stop_token_ids=stop_at_end_of_turn())
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if not body.stream:
-            (result,) = await run([prompt_ids], params, request)
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": result["text"]},
-                "finish_reason": result["finish_reason"],
-                "logprobs": None,
-            }
-            return {
-                "id": rid,
-                "object": "chat.completion",
-                "created": now,
-                "model": model_name,
-                "choices": [choice],
-                "usage": usage([result]),
-            }
-        stream = loop.astream(prompt_ids, params)
-        first = await first_output(stream)
-
-        async def events():
-            def chunk(delta: dict, finish_reason: str | None) -> str:
-                return sse(
-                    {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": now,
-                        "model": model_name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-                    }
-                )
-
-            yield chunk({"role": "assistant", "content": ""}, None)
-            out = first
-            while True:
-                if out.text:
-                    yield chunk({"content": out.text}, None)
-                if out.finished:
-                    yield chunk({}, out.finish_reason)
-                    break
-                out = await anext(stream)
-            if (body.stream_options or {}).get("include_usage"):
-                yield sse(
-                    {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": now,
-                        "model": model_name,
-                        "choices": [],
-                        "usage": usage(
-                            [{"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}]
-                        ),
-                    }
-                )
-            yield sse("[DONE]")
-
-        return StreamingResponse(_closing(events(), stream), media_type="text/event-stream")
-
+    """The FastAPI app serving `loop`'s engine under the name `model_name`; with `rag_index` also
+    `POST /v1/rag/answer`. See `ServerState` for the arguments."""
+    app = FastAPI(title="tiny-hf", lifespan=_lifespan)
+    app.state.server = ServerState(
+        loop, model_name, api_key=api_key, shutdown_timeout=shutdown_timeout, rag_index=rag_index
+    )
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.include_router(public)
+    app.include_router(api)
     if rag_index is not None:
-
-        @app.post("/v1/rag/answer", dependencies=auth)
-        async def rag_answer(body: RagRequest, request: Request) -> dict:
-            max_tokens = reply_room(body.max_tokens)
-            try:
-                # Retrieval (a dense query runs the encoder) and tokenizing are CPU work: off the event loop.
-                prompt_ids, sources, dropped = await run_in_threadpool(
-                    grounded_prompt,
-                    body.question,
-                    rag_index,
-                    tokenizer,
-                    window=engine.max_seq_len,
-                    k=body.k,
-                    mode=body.mode,
-                    max_new_tokens=max_tokens,
-                )
-            except QuestionTooLongError as error:
-                raise ApiError(400, str(error), param="question", code="context_length_exceeded") from error
-            except ValueError as error:  # an empty question, or max_tokens leaving no room for a prompt
-                raise ApiError(400, str(error)) from error
-            params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=stop_at_end_of_turn())
-            (result,) = await run([prompt_ids], params, request)
-            grounded = cite(result["text"].strip(), sources, prompt_tokens=len(prompt_ids), dropped=dropped)
-            return {
-                "answer": grounded.text,
-                "citations": [c.to_dict() for c in grounded.citations],
-                "sources": [s.to_dict() for s in grounded.sources],
-                "dropped": grounded.dropped,
-                "usage": usage([result]),
-            }
-
+        app.include_router(rag)
     return app
-
-
-def _params(body: _Sampling, max_tokens: int | None, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
-    try:
-        return body.sampling_params(max_tokens, stop_token_ids)
-    except ValueError as error:
-        raise ApiError(400, str(error)) from error
-
-
-async def _closing(events, stream):
-    """Forward the events; when the client goes away (the response is cancelled), close the engine stream, which
-    aborts the request and frees its slot."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        await stream.aclose()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="runs/demo", help="a run folder (its model/), a model folder or a Hub id")
-    model.add_argument("--served-model-name", default=None, help="the name clients use (default: the folder name)")
-    model.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    model.add_argument("--trust-remote-code", action="store_true")
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-batch-size", type=int, default=16)
-    engine.add_argument("--max-seq-len", type=int, default=None, help="context window (default: the model's)")
-    engine.add_argument("--max-queue", type=int, default=256)
-    engine.add_argument("--token-budget", type=int, default=512, help="prompt tokens computed per step")
-    engine.add_argument("--window-policy", default="reject", choices=WINDOW_POLICIES)
-    engine.add_argument("--compile", action="store_true", help="compile the decode step (fast batch-1 on CPU)")
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
-    server.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get on exit")
-    rag = parser.add_argument_group("retrieval")
-    rag.add_argument(
-        "--rag-index",
-        default=None,
-        metavar="DIR",
-        help="an index folder (python -m rag.index): serve POST /v1/rag/answer",
+@dataclass
+class EngineOptions:
+    _argument_group_name = "engine"
+
+    max_batch_size: int = field(default=16, metadata={"help": "requests decoded together (the cache slots)"})
+    max_queue: int = field(default=256, metadata={"help": "waiting requests at most; more are answered 429"})
+    token_budget: int = field(default=512, metadata={"help": "prompt tokens computed per step"})
+    window_policy: str = field(
+        default="reject", metadata={"help": "a prompt over the window: refused or cut", "choices": WINDOW_POLICIES}
     )
-    return parser.parse_args(argv)
+    compile: bool = field(default=False, metadata={"help": "compile the decode step (fast batch-1 on CPU)"})
 
 
-def main(argv=None) -> None:
+@dataclass
+class ServeOptions:
+    _argument_group_name = "API"
+
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "the name clients use (default: the folder name)"}
+    )
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer <key>'"})
+    shutdown_timeout: float = field(default=10.0, metadata={"help": "seconds in-flight requests get on exit"})
+
+
+def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    args = parse_args(argv)
+    model, engine_options, listen, retrieval, serve = parse_options(
+        ModelOptions, EngineOptions, ListenOptions, RetrievalOptions, ServeOptions, argv=argv, description=__doc__
+    )
+    rag_index = load_rag_index(retrieval.rag_index) if retrieval.rag_index else None  # before the model: fail fast
     try:
-        path, _ = resolve_model(args.model)
-    except FileNotFoundError as error:
-        raise SystemExit(f"error: --model {args.model}: {error}") from None
-    rag_index = load_rag_index(args.rag_index) if args.rag_index else None  # before the model: fail fast
-    engine = Engine.from_pretrained(
-        path,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        max_batch_size=args.max_batch_size,
-        max_seq_len=args.max_seq_len,
-        max_queue=args.max_queue,
-        token_budget=args.token_budget,
-        window_policy=args.window_policy,
-        compile=args.compile,
-    )
-    name = args.served_model_name or Path(args.model.rstrip("/")).name
-    loop = EngineLoop(engine).start()
+        engine, _ = load_engine(
+            model.model,
+            device=model.device,
+            trust_remote_code=model.trust_remote_code,
+            max_seq_len=model.max_seq_len,
+            **dataclasses.asdict(engine_options),
+        )
+    except LOAD_ERRORS as error:
+        raise cannot_load(model.model, error) from None
+    name = serve.served_model_name or Path(model.model.rstrip("/")).name
     app = build_app(
-        loop, model_name=name, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, rag_index=rag_index
+        EngineLoop(engine).start(),
+        model_name=name,
+        api_key=serve.api_key,
+        shutdown_timeout=serve.shutdown_timeout,
+        rag_index=rag_index,
     )
-    print(f"Serving {path} as {name!r} on http://{args.host}:{args.port}/v1 (window {engine.max_seq_len} tokens)")
+    print(f"Serving {model.model} as {name!r} on http://{listen.host}:{listen.port}/v1 ({engine.max_seq_len} tokens)")
     if rag_index is not None:
-        print(f"Grounded answers from {args.rag_index} ({len(rag_index)} chunks) at POST /v1/rag/answer")
+        print(f"Grounded answers from {retrieval.rag_index} ({len(rag_index)} chunks) at POST /v1/rag/answer")
     uvicorn.run(
-        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=int(args.shutdown_timeout) + 1
+        app,
+        host=listen.host,
+        port=listen.port,
+        log_level="info",
+        timeout_graceful_shutdown=int(serve.shutdown_timeout) + 1,
     )
 
 

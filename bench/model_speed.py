@@ -111,16 +111,9 @@ def flops_per_token(model: torch.nn.Module, layers: int, hidden: int, seq_len: i
     return 6 * n + 12 * layers * hidden * seq_len
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    keep_freed_memory()  # the same allocator settings for every model measured
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    models = {name: m.to(device).train() for name, m in build_models(args).items()}
-    vocab = next(iter(models.values())).config.vocab_size
-    batch = torch.randint(0, vocab, (args.batch, args.seq_len), device=device)
-
-    steps = {}
+def training_steps(models: dict, batch: torch.Tensor, args: argparse.Namespace) -> dict:
+    """One closure per model: forward + backward + AdamW on `batch` (compiled and in bf16 when asked)."""
+    device, steps = batch.device, {}
     for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         forward = torch.compile(model) if args.compile else model
@@ -133,6 +126,11 @@ def main(argv=None) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
         steps[name] = step
+    return steps
+
+
+def time_rounds(steps: dict, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of each model: warm-up, then `--rounds` rounds in which every model runs `--steps`."""
 
     def timed(step) -> float:
         if device.type == "cuda":
@@ -146,7 +144,7 @@ def main(argv=None) -> dict:
     for step in steps.values():
         for _ in range(args.warmup):
             step()
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(args.rounds):
         for name, step in steps.items():
             times[name] += [timed(step) for _ in range(args.steps)]
@@ -154,10 +152,12 @@ def main(argv=None) -> dict:
             f"round {round_ + 1}/{args.rounds}: "
             + ", ".join(f"{n} {statistics.median(t) * 1e3:.0f} ms" for n, t in times.items())
         )
+    return times
 
-    tokens = args.batch * args.seq_len
-    cfg = next(iter(models.values())).config
-    rows = {}
+
+def model_rows(models: dict, times: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """tokens/s, parameters, median step and (on a GPU) MFU per model."""
+    tokens, cfg, rows = args.batch * args.seq_len, next(iter(models.values())).config, {}
     for name, model in models.items():
         tps = tokens / statistics.median(times[name])
         rows[name] = {
@@ -168,7 +168,10 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             fpt = flops_per_token(model, cfg.num_hidden_layers, cfg.hidden_size, args.seq_len)
             rows[name]["mfu_vs_989_tflops"] = round(tps * fpt / H100_BF16_PEAK_FLOPS, 4)
+    return rows
 
+
+def speed_ratios(rows: dict) -> dict:
     ours = "tiny (llama shape)"
     faster_peer = max(("LlamaForCausalLM", "GPT2LMHeadModel"), key=lambda n: rows[n]["tokens_per_s"])
     ratios = {
@@ -177,20 +180,10 @@ def main(argv=None) -> dict:
         / rows["GPT2LMHeadModel"]["tokens_per_s"],
         f"tiny_llama_vs_faster_peer ({faster_peer})": rows[ours]["tokens_per_s"] / rows[faster_peer]["tokens_per_s"],
     }
-    ratios = {k: round(v, 3) for k, v in ratios.items()}
-    setup = {
-        "device": args.device,
-        "dtype": args.dtype,
-        "compile": args.compile,
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "layers": cfg.num_hidden_layers,
-        "hidden": cfg.hidden_size,
-        "heads": cfg.num_attention_heads,
-        "vocab": cfg.vocab_size,
-        "timed_steps_per_model": args.steps * args.rounds,
-    }
-    mfu = device.type == "cuda"
+    return {k: round(v, 3) for k, v in ratios.items()}
+
+
+def speed_table(rows: dict, ratios: dict, cfg, args: argparse.Namespace, mfu: bool) -> str:
     compiled = ", torch.compile" if args.compile else ""
     lines = [
         f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}{compiled}, "
@@ -204,10 +197,36 @@ def main(argv=None) -> dict:
         line = f"| {name} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} |"
         lines.append(line + (f" {r['mfu_vs_989_tflops']:.1%} |" if mfu else ""))
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.3f}x |" for k, v in ratios.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    keep_freed_memory()  # the same allocator settings for every model measured
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    models = {name: m.to(device).train() for name, m in build_models(args).items()}
+    cfg = next(iter(models.values())).config
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), device=device)
+    times = time_rounds(training_steps(models, batch, args), args, device)
+    rows = model_rows(models, times, args, device)
+    ratios = speed_ratios(rows)
+    setup = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+        "heads": cfg.num_attention_heads,
+        "vocab": cfg.vocab_size,
+        "timed_steps_per_model": args.steps * args.rounds,
+    }
+    table = speed_table(rows, ratios, cfg, args, mfu=device.type == "cuda")
     figures = {"setup": setup, "models": rows, "ratios": ratios}
-    name = args.name or f"model_speed_{device.type}"
-    json_path, md_path = write_results(name, figures, "\n".join(lines), args.out)
-    print("\n".join(lines))
+    json_path, md_path = write_results(args.name or f"model_speed_{device.type}", figures, table, args.out)
+    print(table)
     print(f"wrote {json_path} and {md_path}")
     return figures
 

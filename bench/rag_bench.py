@@ -210,11 +210,8 @@ def dense_scaling(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def tables(figures: dict) -> str:
-    q = figures["quality"]
+def quality_table(q: dict) -> list[str]:
     lines = [
-        "# Retrieval: ours vs bm25s and sentence-transformers",
-        "",
         f"## Quality: {q['queries']} held-out queries ({q['query_sources']['docstring']} docstring, "
         f"{q['query_sources']['topic']} topic) over {q['chunks']} chunks of {q['documents']} documents",
         "",
@@ -230,14 +227,15 @@ def tables(figures: dict) -> str:
             f"{m['mrr@10']:.3f} | {m['ndcg@10']:.3f} | {m['queries_per_s']:.1f} |"
         )
     rr = q["real_recall_at_10_vs_fp32"]
-    lines += [
+    return lines + [
         "",
         f"Real chunk vectors, these queries: top-10 kept vs fp32: fp16 {rr['fp16']:.3f}, int8 {rr['int8']:.3f}.",
-        "",
     ]
-    b = figures["bm25_speed"]
+
+
+def bm25_table(b: dict) -> list[str]:
     bs, qs = b["build_s"], b["queries_per_s"]
-    lines += [
+    return [
         f"## BM25 speed vs bm25s 0.3.16: all {b['chunks']} chunks of the full corpus, {b['queries']} queries",
         "",
         "| | ours | bm25s | ours / bm25s (speed) |",
@@ -255,23 +253,35 @@ def tables(figures: dict) -> str:
         "",
         "From text each library uses its own tokenizer (ours: `\\w+`, lowercase; bm25s: 2+ word characters), so the "
         "vocabularies differ slightly; single-threaded bm25s (n_threads=1).",
-        "",
+    ]
+
+
+def dense_table(rows: list[dict]) -> list[str]:
+    lines = [
         "## Exact dense search (rag.dense.VectorStore): synthetic unit 384-d vectors",
         "",
         "| vectors | storage | memory, MB | ms / query | recall@10 vs fp32 |",
         "|---|---|---|---|---|",
     ]
-    for r in figures["dense_scaling"]:
+    for r in rows:
         lines.append(
             f"| {r['vectors']:,} | {r['storage']} | {r['memory_mb']:.1f} | {r['ms_per_query']:.2f} | "
             f"{r['recall_at_10_vs_fp32']:.3f} |"
         )
-    lines += [
+    return lines + [
         "",
         "Queries: a stored vector plus Gaussian noise of the same norm, normalised. Latency includes top-10. fp16 and "
         "int8 stores are widened to fp32 one block of rows at a time for every query (VectorStore.scores): they halve "
         "or quarter the memory, and a CPU without fp16/int8 matmuls pays for the widening in search time.",
     ]
+
+
+def tables(figures: dict) -> str:
+    """The results file: the quality, BM25 speed and dense scaling tables."""
+    lines = ["# Retrieval: ours vs bm25s and sentence-transformers", ""]
+    lines += quality_table(figures["quality"]) + [""]
+    lines += bm25_table(figures["bm25_speed"]) + [""]
+    lines += dense_table(figures["dense_scaling"])
     return "\n".join(lines)
 
 

@@ -8,11 +8,11 @@ A question that does not fit even without passages is an error, not a silent tru
 
 `answer` runs the three steps: `grounded_prompt` (retrieve and fit: the prompt ids, the numbered `Source`s it
 holds, how many were dropped), generation, and `cite` (the generated text and those sources into an `Answer`). It
-generates on a new `tiny_hf.engine.Engine` per call (greedy, window_policy="reject": the prompt was fitted already)
-for TinyForCausalLM-style models, and on `model.generate` for any other Hugging Face causal LM; the server and the
-web demo (app/) call `grounded_prompt` and `cite` around their own running EngineLoop instead. The answer comes
-back with the passages the prompt held (`sources`: document id, character offsets, score) and those the text cites
-(`citations`: every [n] in the answer that names one of them).
+generates greedily with `tiny_hf.chat.chat_generate` (the engine for TinyForCausalLM-style models, `generate()` for
+any other Hugging Face causal LM; `answer_all` batches many questions); the server and the web demo (app/) call
+`grounded_prompt` and `cite` around their own running EngineLoop instead. The answer comes back with the passages the
+prompt held (`sources`: document id, character offsets, score) and those the text cites (`citations`: every [n] in
+the answer that names one of them).
 
 `measure_answers` compares answer quality with and without retrieval on held-out questions (rag.evaluate's query
 set: the reference is the qualified name for a docstring question, the sentence for a topic one), by exact match
@@ -24,7 +24,6 @@ CLI: `python -m rag.answer --index DIR --model runs/demo "How do I serialize an 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Sequence
@@ -158,36 +157,12 @@ def build_prompt(
     return ids, n
 
 
-def _uses_engine(model) -> bool:
-    inner = getattr(model, "model", None)
-    return all(hasattr(inner, name) for name in ("embed_tokens", "add_positions", "layers", "norm")) and hasattr(
-        model, "lm_head"
-    )
+def generate_answers(model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int) -> list[str]:
+    """Greedy answers to fitted prompt ids, one per prompt, by `tiny_hf.chat.chat_generate` (the engine for a
+    TinyForCausalLM-style model, `generate()` for any other causal LM); each stops at the end of its turn."""
+    from tiny_hf.chat import chat_generate
 
-
-@torch.no_grad()
-def generate_text(model, tokenizer, ids: list[int], *, max_new_tokens: int, window: int) -> str:
-    """Greedy continuation of `ids`: the from-scratch Engine for TinyForCausalLM, `model.generate` otherwise."""
-    stop_ids = [t for t in (tokenizer.convert_tokens_to_ids("<|im_end|>"),) if isinstance(t, int) and t >= 0]
-    stop_ids = [t for t in stop_ids if t != tokenizer.unk_token_id]
-    if _uses_engine(model):
-        from tiny_hf.engine import Engine, SamplingParams
-
-        engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=window, prefix_cache_tokens=0)
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0, stop_token_ids=stop_ids)
-        return engine.generate([ids], params)[0].text.strip()
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad,
-        eos_token_id=[t for t in [tokenizer.eos_token_id, *stop_ids] if t is not None] or None,
-    )
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+    return [r.text for r in chat_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
 
 
 def _source(number: int, hit) -> Source:
@@ -248,6 +223,32 @@ def cite(text: str, sources: Sequence[Source], *, prompt_tokens: int = 0, droppe
     return Answer(text, citations, sources, prompt_tokens, dropped)
 
 
+def answer_all(
+    questions: Sequence[str],
+    index,
+    model,
+    tokenizer,
+    *,
+    k: int = 4,
+    mode: str = "hybrid",
+    max_new_tokens: int = 64,
+    system: str | None = DEFAULT_SYSTEM,
+) -> list[Answer]:
+    """`answer` for many questions, generated together (one batch on the engine, or on `generate()`)."""
+    window = context_window(model)
+    prompts = [
+        grounded_prompt(
+            q, index, tokenizer, window=window, k=k, mode=mode, max_new_tokens=max_new_tokens, system=system
+        )
+        for q in questions
+    ]
+    texts = generate_answers(model, tokenizer, [ids for ids, _, _ in prompts], max_new_tokens=max_new_tokens)
+    return [
+        cite(text, sources, prompt_tokens=len(ids), dropped=dropped)
+        for text, (ids, sources, dropped) in zip(texts, prompts, strict=True)
+    ]
+
+
 def answer(
     question: str,
     index,
@@ -264,27 +265,25 @@ def answer(
     Args:
         question: the question.
         index: a `rag.index.RagIndex`.
-        model: a causal LM (TinyForCausalLM runs on the Engine; any other on `generate`), in eval mode.
+        model: a causal LM (a TinyForCausalLM-style one runs on the engine, any other on `generate()`), in eval mode.
         tokenizer: its tokenizer.
         k: passages retrieved (fewer may fit the prompt).
         mode: "bm25", "dense" or "hybrid".
         max_new_tokens: tokens kept for the answer; the prompt gets the window minus these.
         system: the system message.
     """
-    window = context_window(model)
-    ids, sources, dropped = grounded_prompt(
-        question, index, tokenizer, window=window, k=k, mode=mode, max_new_tokens=max_new_tokens, system=system
+    (result,) = answer_all(
+        [question], index, model, tokenizer, k=k, mode=mode, max_new_tokens=max_new_tokens, system=system
     )
-    text = generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens, window=window)
-    return cite(text, sources, prompt_tokens=len(ids), dropped=dropped)
+    return result
 
 
-def answer_without_retrieval(question: str, model, tokenizer, *, max_new_tokens: int = 64) -> Answer:
-    """The same generator on the question alone (the closed-book baseline of `measure_answers`)."""
-    window = context_window(model)
-    ids, _ = build_prompt(question, [], tokenizer, budget=window - max_new_tokens, system=NO_CONTEXT_SYSTEM)
-    text = generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens, window=window)
-    return Answer(text, [], [], len(ids), 0)
+def answers_without_retrieval(questions: Sequence[str], model, tokenizer, *, max_new_tokens: int = 64) -> list[Answer]:
+    """The same generator on each question alone (the closed-book baseline of `measure_answers`)."""
+    budget = context_window(model) - max_new_tokens
+    prompts = [build_prompt(q, [], tokenizer, budget=budget, system=NO_CONTEXT_SYSTEM)[0] for q in questions]
+    texts = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return [Answer(text, [], [], len(ids), 0) for text, ids in zip(texts, prompts, strict=True)]
 
 
 def measure_answers(
@@ -310,11 +309,9 @@ def measure_answers(
     if not queries:
         raise ValueError("no questions to measure")
     metric = load_rouge_l()
-    refs = [q.answer for q in queries]
-    grounded = [
-        answer(q.text, index, model, tokenizer, k=k, mode=mode, max_new_tokens=max_new_tokens) for q in queries
-    ]
-    closed = [answer_without_retrieval(q.text, model, tokenizer, max_new_tokens=max_new_tokens) for q in queries]
+    refs, questions = [q.answer for q in queries], [q.text for q in queries]
+    grounded = answer_all(questions, index, model, tokenizer, k=k, mode=mode, max_new_tokens=max_new_tokens)
+    closed = answers_without_retrieval(questions, model, tokenizer, max_new_tokens=max_new_tokens)
     found = [any(s.chunk_index in q.relevant for s in a.sources) for q, a in zip(queries, grounded, strict=True)]
     return {
         "questions": len(queries),
@@ -329,64 +326,75 @@ def measure_answers(
 
 
 def load_generator(name: str, *, device: str = "cpu"):
-    """A causal LM and its tokenizer from a run folder (its model/), a model folder or a Hub id."""
+    """A causal LM and its tokenizer from a run folder (its model/), a model folder or a Hub id; one that cannot be
+    loaded exits with a one-line error naming --model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tiny_hf  # noqa: F401  (registers the "tiny" model type)
     from tiny_hf.runs import resolve_model
 
-    path, _ = resolve_model(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    try:
+        path, _ = resolve_model(name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        return model, AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"error: cannot load --model {name!r}: {reason}") from None
+
+
+@dataclass
+class AnswerOptions:
+    # ---- index and generator ----
+    index: str = field(metadata={"help": "an index folder written by `python -m rag.index`"})
+    model: str = field(metadata={"help": "a run folder, model folder or Hub id of a causal LM"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    # ---- retrieval and generation ----
+    top_k: int = field(default=4, metadata={"help": "passages retrieved", "aliases": ["-k"]})
+    mode: str = field(default="hybrid", metadata={"help": "retriever", "choices": ["bm25", "dense", "hybrid"]})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens kept for the answer"})
+    # ---- measurement ----
+    measure: int = field(default=0, metadata={"help": "with vs without retrieval on N questions", "metavar": "N"})
+    # ---- output ----
+    json: bool = field(default=False, metadata={"help": "print JSON"})
+
+
+def print_answer(result: Answer) -> None:
+    """The answer, then every passage of its prompt (a * marks the ones it cites)."""
+    print(result.text or "(empty answer)")
+    print(f"\nsources ({result.prompt_tokens} prompt tokens, {result.dropped} passage(s) dropped to fit):")
+    for s in result.sources:
+        mark = "*" if s in result.citations else " "
+        print(f"{mark}[{s.number}] {s.doc_id} [{s.start}:{s.end}]")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # ---- index and generator ----
-    io = parser.add_argument_group("index and generator")
-    io.add_argument("--index", required=True, help="an index folder written by `python -m rag.index`")
-    io.add_argument("--model", required=True, help="a run folder, model folder or Hub id of a causal LM")
-    io.add_argument("--device", default="cpu", help="cpu or cuda")
-    io.add_argument("question", nargs="?", default=None, help="the question (omit with --measure)")
-    # ---- retrieval and generation ----
-    gen = parser.add_argument_group("retrieval and generation")
-    gen.add_argument("-k", "--top-k", dest="k", type=int, default=4, help="passages retrieved")
-    gen.add_argument("--mode", default="hybrid", choices=["bm25", "dense", "hybrid"], help="retriever")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens kept for the answer")
-    # ---- measurement ----
-    meas = parser.add_argument_group("measurement")
-    meas.add_argument("--measure", type=int, default=0, metavar="N", help="with vs without retrieval on N questions")
-    # ---- output ----
-    out = parser.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv)
-    if not args.measure and not args.question:
-        parser.error("give a question, or --measure N")
+    from .index import load_rag_index
+    from .search import parse_with_positional
 
-    from .index import RagIndex
-
-    index = RagIndex.load(args.index)
-    model, tokenizer = load_generator(args.model, device=args.device)
-    if args.measure:
+    options, question = parse_with_positional(
+        AnswerOptions,
+        argv,
+        name="question",
+        help="the question (omit with --measure)",
+        optional=True,
+        description=__doc__,
+    )
+    if not options.measure and not question:
+        raise SystemExit("error: give a question, or --measure N")
+    index = load_rag_index(options.index, flag="--index")
+    model, tokenizer = load_generator(options.model, device=options.device)
+    settings = {"k": options.top_k, "mode": options.mode, "max_new_tokens": options.max_new_tokens}
+    if options.measure:
         from .evaluate import build_queries
 
-        queries = build_queries(index.chunks, n=args.measure)
-        result = measure_answers(
-            queries, index, model, tokenizer, k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens
-        )
+        result = measure_answers(build_queries(index.chunks, n=options.measure), index, model, tokenizer, **settings)
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return result
-    result = answer(
-        args.question, index, model, tokenizer, k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens
-    )
-    if args.json:
+    result = answer(question, index, model, tokenizer, **settings)
+    if options.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
-        print(result.text or "(empty answer)")
-        print(f"\nsources ({result.prompt_tokens} prompt tokens, {result.dropped} passage(s) dropped to fit):")
-        for s in result.sources:
-            mark = "*" if s in result.citations else " "
-            print(f"{mark}[{s.number}] {s.doc_id} [{s.start}:{s.end}]")
+        print_answer(result)
     return result.to_dict()
 
 

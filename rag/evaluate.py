@@ -35,7 +35,6 @@ CLI: `python -m rag.evaluate --index DIR` (an index built by rag.index) or `pyth
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -43,11 +42,13 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from tiny_hf.corpus import stable_fraction
 from tiny_hf.metrics import DEFAULT_KS, ranking_metrics
+from tiny_hf.options import parse_options
 
 from .bm25 import top_k
 from .chunking import Chunk
@@ -188,8 +189,10 @@ class Query:
         return asdict(self)
 
 
-def _stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+def _template_variant(qid: str) -> int:
+    """0 or 1, the question template of an imperative docstring: the low bit of the sha256 that `stable_fraction`
+    reads (its float drops that bit). Kept as it was so the query set, and the committed results, do not change."""
+    return hashlib.sha256(qid.encode()).digest()[7] & 1
 
 
 def _first_sentence(text: str) -> str | None:
@@ -312,13 +315,13 @@ def build_queries(chunks: Sequence[Chunk], *, n: int = 300, per_doc: int = 2) ->
             cands[key] = {**cand, "doc_id": c.doc_id, "chunk": i}
     counts = Counter(" ".join(c["sentence"].split()).lower() for c in cands.values())
     queries, per = [], Counter()
-    for (doc_id, start), c in sorted(cands.items(), key=lambda kv: _stable_hash(f"{kv[0][0]}@{kv[0][1]}")):
+    for (doc_id, start), c in sorted(cands.items(), key=lambda kv: stable_fraction(f"{kv[0][0]}@{kv[0][1]}")):
         if counts[" ".join(c["sentence"].split()).lower()] > 1 or per[doc_id] >= per_doc:
             continue
         qid = f"{doc_id}@{start}"
         sentence = " ".join(c["sentence"].split())
         text = rewrite_query(
-            sentence, source=c["source"], qualname=c["qualname"], kind=c["kind"], variant=_stable_hash(qid) % 2
+            sentence, source=c["source"], qualname=c["qualname"], kind=c["kind"], variant=_template_variant(qid)
         )
         if len(text.split()) < 4:
             continue
@@ -440,49 +443,56 @@ def format_table(results: dict[str, dict], *, ks: Sequence[int] = DEFAULT_KS) ->
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # ---- index ----
-    io = parser.add_argument_group("index (load one, or build a small one in memory)")
-    io.add_argument("--index", default=None, help="an index folder written by `python -m rag.index`")
-    io.add_argument("--data", default="embedded", help="without --index: 'embedded', 'topics', a file or folder")
-    io.add_argument("--max-docs", type=int, default=60, help="without --index: a fixed sample of N documents (0: all)")
-    io.add_argument("--chunk-size", type=int, default=200, help="without --index: tokens per chunk")
-    io.add_argument("--overlap", type=int, default=32, help="without --index: tokens shared by neighbours")
-    io.add_argument("--device", default="cpu", help="cpu or cuda (the encoder)")
+@dataclass
+class EvaluateOptions:
+    # ---- index (load one, or build a small one in memory) ----
+    index: str | None = field(default=None, metadata={"help": "an index folder written by `python -m rag.index`"})
+    data: str = field(default="embedded", metadata={"help": "without --index: 'embedded', 'topics', a file or folder"})
+    max_docs: int = field(default=60, metadata={"help": "without --index: a fixed sample of N documents (0: all)"})
+    chunk_size: int = field(default=200, metadata={"help": "without --index: tokens per chunk"})
+    overlap: int = field(default=32, metadata={"help": "without --index: tokens shared by neighbours"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (the encoder)"})
     # ---- queries ----
-    q = parser.add_argument_group("queries")
-    q.add_argument("--queries", type=int, default=300, help="queries at most")
-    q.add_argument("--per-doc", type=int, default=2, help="queries per document at most")
-    q.add_argument("--dump-queries", default=None, help="write the query set here as JSON lines")
-    # ---- retrievers ----
-    r = parser.add_argument_group("retrievers")
-    r.add_argument("--retrievers", nargs="+", default=list(RETRIEVERS), choices=list(RETRIEVERS))
-    # ---- output ----
-    out = parser.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
+    queries: int = field(default=300, metadata={"help": "queries at most"})
+    per_doc: int = field(default=2, metadata={"help": "queries per document at most"})
+    dump_queries: str | None = field(default=None, metadata={"help": "write the query set here as JSON lines"})
+    # ---- retrievers and output ----
+    retrievers: list[str] = field(
+        default_factory=lambda: list(RETRIEVERS), metadata={"help": "retrievers to run", "choices": list(RETRIEVERS)}
+    )
+    json: bool = field(default=False, metadata={"help": "print the results as JSON"})
 
+
+def _evaluated_index(options: EvaluateOptions):
+    """The index of --index, or one built in memory from a fixed sample of --data."""
     from .dense import Encoder
-    from .index import RagIndex, load_documents
+    from .index import RagIndex, load_documents, load_rag_index
 
-    if args.index:
-        index = RagIndex.load(args.index, encoder=Encoder(device=args.device) if args.device != "cpu" else None)
-    else:
-        from tqdm.auto import tqdm
+    if options.index:
+        encoder = Encoder(device=options.device) if options.device != "cpu" else None
+        return load_rag_index(options.index, flag="--index", encoder=encoder)
+    from tqdm.auto import tqdm
 
-        docs = load_documents(args.data, max_docs=args.max_docs or None)
-        index = RagIndex(Encoder(device=args.device), chunk_size=args.chunk_size, overlap=args.overlap)
-        index.add(docs, progress=lambda b: tqdm(b, desc="embedding", unit="batch", disable=not sys.stderr.isatty()))
-    queries = build_queries(index.chunks, n=args.queries, per_doc=args.per_doc)
+    docs = load_documents(options.data, max_docs=options.max_docs or None)
+    index = RagIndex(Encoder(device=options.device), chunk_size=options.chunk_size, overlap=options.overlap)
+    index.add(docs, progress=lambda b: tqdm(b, desc="embedding", unit="batch", disable=not sys.stderr.isatty()))
+    return index
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (options,) = parse_options(EvaluateOptions, argv=argv, description=__doc__)
+    index = _evaluated_index(options)
+    queries = build_queries(index.chunks, n=options.queries, per_doc=options.per_doc)
     if not queries:
-        raise ValueError(f"no query could be built from the {len(index)} chunks (too few docstrings or topics?)")
-    if args.dump_queries:
-        with open(args.dump_queries, "w", encoding="utf-8") as f:
+        raise SystemExit(
+            f"error: no query could be built from the {len(index)} chunks (too few docstrings or topics?)"
+        )
+    if options.dump_queries:
+        with open(options.dump_queries, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(q.to_dict(), ensure_ascii=False) + "\n" for q in queries)
-    results = evaluate_index(index, queries, retrievers=args.retrievers)
+    results = evaluate_index(index, queries, retrievers=options.retrievers)
     summary = {"chunks": len(index), "documents": len(index.doc_ids), "queries": len(queries), "results": results}
-    if args.json:
+    if options.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{len(queries)} queries over {len(index)} chunks of {len(index.doc_ids)} documents\n")

@@ -19,23 +19,26 @@ Hybrid search fuses the BM25 and dense rankings with reciprocal rank fusion (Cor
 1 / (k + rank(d)), ranks from 1, k = 60. It needs no score calibration between the two retrievers, which is why it is
 the usual default.
 
-CLI: `python -m rag.index --data embedded|PATH --out DIR [--encoder PATH] [--chunk-size 200] [--overlap 32]`.
+CLI: `python -m rag.index --data embedded|PATH --out DIR [--encoder PATH] [--chunk-size 200] [--overlap 32]`
+(`--append` adds documents to the index at --out, `--delete ID ...` removes some).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from tiny_hf.corpus import stable_fraction
+from tiny_hf.options import parse_options
+from tiny_hf.system import write_atomic
 
 from .bm25 import BM25, BM25_VARIANTS, WordAnalyzer, top_k
 from .chunking import Chunk, chunk_documents, normalize_documents
@@ -84,18 +87,6 @@ def tokenizer_hash(tokenizer) -> str:
     else:
         spec = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A crash mid-write leaves the old file (or none), never half of one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -312,7 +303,7 @@ class RagIndex:
         }
         files = {}
         for name, data in payloads.items():
-            _write_atomic(out / name, data)
+            write_atomic(out / name, data)  # a crash mid-save leaves no half-written file
             files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         config = {
             "format": FORMAT,
@@ -325,7 +316,7 @@ class RagIndex:
             "n_documents": len(self.doc_ids),
             "files": files,
         }
-        _write_atomic(out / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")  # last: it makes the folder an index
         return out
 
     @classmethod
@@ -383,12 +374,13 @@ class RagIndex:
 
 # ---- CLI ----
 def sample_documents(docs: list[dict], max_docs: int | None) -> list[dict]:
-    """A fixed pseudo-random sample of `max_docs` documents (by a hash of the id), in id order; None or 0 keeps all.
-    The one sample `rag.index --max-docs`, rag.evaluate and bench/rag_bench.py take, so their indexes agree."""
+    """A fixed pseudo-random sample of `max_docs` documents (the lowest `stable_fraction` of the id), in id order;
+    None or 0 keeps all. The one sample `rag.index --max-docs`, rag.evaluate and bench/rag_bench.py take, so their
+    indexes agree."""
     if not max_docs or max_docs >= len(docs):
         return docs
     ids = [str(d.get("id", i)) for i, d in enumerate(docs)]
-    order = sorted(range(len(docs)), key=lambda i: hashlib.sha256(ids[i].encode()).digest()[:8])[:max_docs]
+    order = sorted(range(len(docs)), key=lambda i: stable_fraction(ids[i]))[:max_docs]
     return [docs[i] for i in sorted(order, key=lambda i: ids[i])]
 
 
@@ -417,69 +409,79 @@ def load_documents(data: str, *, max_docs: int | None = None) -> list[dict]:
     return sample_documents(docs, max_docs)
 
 
-def load_rag_index(path: str) -> RagIndex:
-    """The `RagIndex` in the folder `path` (the scripts' --rag-index); a missing or damaged folder exits with a
-    one-line error."""
+def load_rag_index(path: str, *, flag: str = "--rag-index", encoder: Encoder | None = None) -> RagIndex:
+    """The `RagIndex` in the folder `path` (a script's `flag`, e.g. --rag-index); a missing or damaged folder, or an
+    encoder that does not match it, exits with a one-line error."""
     try:
-        return RagIndex.load(path)
+        return RagIndex.load(path, encoder=encoder)
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SystemExit(f"error: cannot load --rag-index {path!r}: {reason}") from None
+        raise SystemExit(f"error: cannot load {flag} {path!r}: {reason}") from None
+
+
+@dataclass
+class IndexOptions:
+    # ---- input / output ----
+    out: str = field(metadata={"help": "the index folder to write"})
+    data: str = field(default="embedded", metadata={"help": "'embedded', 'topics', a .jsonl/.txt file or a folder"})
+    max_docs: int | None = field(
+        default=None, metadata={"help": "index a fixed sample of N documents (rag.evaluate's)"}
+    )
+    append: bool = field(default=False, metadata={"help": "add the documents to the index already at --out"})
+    delete: list[str] | None = field(
+        default=None, metadata={"help": "remove these documents (ids) from the index at --out", "metavar": "ID"}
+    )
+    # ---- chunking ----
+    chunk_size: int = field(default=200, metadata={"help": "tokens per chunk at most"})
+    overlap: int = field(default=32, metadata={"help": "tokens shared by consecutive chunks"})
+    # ---- dense encoder ----
+    encoder: str | None = field(
+        default=None, metadata={"help": "model folder for embeddings (default all-MiniLM-L6-v2)"}
+    )
+    storage: str = field(default="fp32", metadata={"help": "vector storage dtype", "choices": list(STORAGE_DTYPES)})
+    batch_size: int = field(default=32, metadata={"help": "texts per forward pass of the encoder"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    # ---- bm25 ----
+    bm25_method: str = field(default="lucene", metadata={"help": "BM25 variant", "choices": list(BM25_VARIANTS)})
+    k1: float = field(default=1.5, metadata={"help": "term-frequency saturation"})
+    b: float = field(default=0.75, metadata={"help": "length normalisation"})
+    stopwords: str | None = field(
+        default=None, metadata={"help": "drop stopwords before BM25", "choices": ["english"]}
+    )
+
+
+def _open_index(options: IndexOptions) -> RagIndex:
+    """The index at --out (to append to or delete from), or a new, empty one with the options' parameters."""
+    encoder = Encoder(options.encoder, batch_size=options.batch_size, device=options.device)
+    if options.append or options.delete:
+        return load_rag_index(options.out, flag="--out", encoder=encoder)
+    return RagIndex(
+        encoder,
+        chunk_size=options.chunk_size,
+        overlap=options.overlap,
+        bm25_method=options.bm25_method,
+        k1=options.k1,
+        b=options.b,
+        stopwords=options.stopwords,
+        storage=options.storage,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # ---- input / output ----
-    io = parser.add_argument_group("input / output")
-    io.add_argument("--data", default="embedded", help="'embedded', 'topics', a .jsonl/.txt file or a folder")
-    io.add_argument("--out", required=True, help="the index folder to write")
-    io.add_argument("--max-docs", type=int, default=None, help="index a fixed sample of N documents (rag.evaluate's)")
-    io.add_argument("--append", action="store_true", help="add the documents to the index already at --out")
-    io.add_argument("--delete", nargs="+", default=None, metavar="ID", help="remove these documents from --out")
-    # ---- chunking ----
-    chunking = parser.add_argument_group("chunking")
-    chunking.add_argument("--chunk-size", type=int, default=200, help="tokens per chunk at most")
-    chunking.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive chunks")
-    # ---- dense encoder ----
-    dense = parser.add_argument_group("dense encoder")
-    dense.add_argument("--encoder", default=None, help="model folder for embeddings (default all-MiniLM-L6-v2)")
-    dense.add_argument("--storage", default="fp32", choices=list(STORAGE_DTYPES), help="vector storage dtype")
-    dense.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
-    dense.add_argument("--device", default="cpu", help="cpu or cuda")
-    # ---- bm25 ----
-    sparse = parser.add_argument_group("bm25")
-    sparse.add_argument("--bm25-method", default="lucene", choices=list(BM25_VARIANTS), help="BM25 variant")
-    sparse.add_argument("--k1", type=float, default=1.5, help="term-frequency saturation")
-    sparse.add_argument("--b", type=float, default=0.75, help="length normalisation")
-    sparse.add_argument("--stopwords", default=None, choices=["english"], help="drop stopwords before BM25")
-    args = parser.parse_args(argv)
-
+    (options,) = parse_options(IndexOptions, argv=argv, description=__doc__)
     from tqdm.auto import tqdm
 
     def progress(batches):
         return tqdm(batches, desc="embedding", unit="batch", disable=not sys.stderr.isatty())
 
-    encoder = Encoder(args.encoder, batch_size=args.batch_size, device=args.device)
-    if args.append or args.delete:
-        index = RagIndex.load(args.out, encoder=encoder)
-    else:
-        index = RagIndex(
-            encoder,
-            chunk_size=args.chunk_size,
-            overlap=args.overlap,
-            bm25_method=args.bm25_method,
-            k1=args.k1,
-            b=args.b,
-            stopwords=args.stopwords,
-            storage=args.storage,
-        )
-    removed = index.delete(args.delete) if args.delete else 0
+    index = _open_index(options)
+    removed = index.delete(options.delete) if options.delete else 0
     added = 0
-    if not args.delete or args.append:
-        added = index.add(load_documents(args.data, max_docs=args.max_docs), progress=progress)
-    index.save(args.out)
+    if not options.delete or options.append:
+        added = index.add(load_documents(options.data, max_docs=options.max_docs), progress=progress)
+    index.save(options.out)
     summary = {
-        "out": str(args.out),
+        "out": str(options.out),
         "documents": len(index.doc_ids),
         "chunks": len(index),
         "added_chunks": added,

@@ -7,67 +7,91 @@ recorded in the index (or `--encoder`) and refuse one that does not match it.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
+
+from tiny_hf.options import _read_config, build_parser
 
 from .dense import Encoder
-from .index import SEARCH_MODES, RagIndex
+from .index import SEARCH_MODES, load_rag_index
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--where {text!r} is not KEY=VALUE")
-    return key, value
+def parse_with_positional(
+    option_type: type, argv: list[str] | None, *, name: str, help: str, optional: bool = False, description: str
+) -> tuple:
+    """(options, value of the positional `name`), as `tiny_hf.options.parse_options` gives options (`--config`
+    YAML included): its HfArgumentParser declares only --flags from a dataclass, so the positional is added here."""
+    parser = build_parser(option_type, description=description)
+    parser.add_argument(name, nargs="?" if optional else None, default=None, help=help)
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        parser.set_defaults(**_read_config(parser, first.config))
+    options, rest = parser.parse_args_into_dataclasses(argv)
+    return options, getattr(rest, name)
+
+
+def where_filter(pairs: list[str]) -> dict | None:
+    """The metadata filter of `--where KEY=VALUE ...` (None for none); a pair without "=" exits with an error."""
+    for text in pairs:
+        key, sep, _ = text.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --where {text!r} is not KEY=VALUE")
+    return dict(text.partition("=")[::2] for text in pairs) or None
+
+
+@dataclass
+class SearchOptions:
+    # ---- index ----
+    index: str = field(metadata={"help": "an index folder written by `python -m rag.index`"})
+    encoder: str | None = field(default=None, metadata={"help": "model folder (default: the index's own encoder)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    # ---- ranking ----
+    mode: str = field(default="hybrid", metadata={"help": "retriever", "choices": list(SEARCH_MODES)})
+    top_k: int = field(default=5, metadata={"help": "results to show", "aliases": ["-k"]})
+    rrf_k: int = field(default=60, metadata={"help": "k of reciprocal rank fusion (hybrid)"})
+    candidates: int = field(default=100, metadata={"help": "depth of each ranking before fusion"})
+    # ---- filters ----
+    prefix: str | None = field(default=None, metadata={"help": "only documents whose id starts with this (topic/)"})
+    where: list[str] = field(
+        default_factory=list,
+        metadata={"help": "metadata filters, all must hold", "metavar": "KEY=VALUE", "action": "extend"},
+    )
+    # ---- output ----
+    json: bool = field(default=False, metadata={"help": "print the hits as JSON"})
+    width: int = field(default=200, metadata={"help": "characters of each chunk shown (text output)"})
+
+
+def print_hits(hits: list, width: int) -> None:
+    """Each hit as rank, score, document and span, then the first `width` characters of its text on one line."""
+    for h in hits:
+        snippet = " ".join(h.text.split())
+        snippet = snippet if len(snippet) <= width else snippet[: width - 3] + "..."
+        print(f"{h.rank:>2}. {h.score:.4f}  {h.doc_id} [{h.start}:{h.end}]\n    {snippet}")
+    if not hits:
+        print("no results")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # ---- index and query ----
-    io = parser.add_argument_group("index and query")
-    io.add_argument("--index", required=True, help="an index folder written by `python -m rag.index`")
-    io.add_argument("query", help="the query text")
-    io.add_argument("--encoder", default=None, help="model folder (default: the encoder recorded in the index)")
-    io.add_argument("--device", default="cpu", help="cpu or cuda")
-    # ---- ranking ----
-    ranking = parser.add_argument_group("ranking")
-    ranking.add_argument("--mode", default="hybrid", choices=list(SEARCH_MODES), help="retriever")
-    ranking.add_argument("-k", "--top-k", dest="k", type=int, default=5, help="results to show")
-    ranking.add_argument("--rrf-k", type=int, default=60, help="k of reciprocal rank fusion (hybrid)")
-    ranking.add_argument("--candidates", type=int, default=100, help="depth of each ranking before fusion")
-    # ---- filters ----
-    filters = parser.add_argument_group("filters")
-    filters.add_argument("--prefix", default=None, help="only documents whose id starts with this (e.g. topic/)")
-    filters.add_argument(
-        "--where", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="metadata filter"
+    options, query = parse_with_positional(
+        SearchOptions, argv, name="query", help="the query text", description=__doc__
     )
-    # ---- output ----
-    out = parser.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="print the hits as JSON")
-    out.add_argument("--width", type=int, default=200, help="characters of each chunk shown (text output)")
-    args = parser.parse_args(argv)
-
-    encoder = Encoder(args.encoder, device=args.device) if args.encoder else None
-    index = RagIndex.load(args.index, encoder=encoder)
+    where = where_filter(options.where)
+    encoder = Encoder(options.encoder, device=options.device) if options.encoder else None
+    index = load_rag_index(options.index, flag="--index", encoder=encoder)
     hits = index.search(
-        args.query,
-        k=args.k,
-        mode=args.mode,
-        prefix=args.prefix,
-        where=dict(args.where) or None,
-        rrf_k=args.rrf_k,
-        candidates=args.candidates,
+        query,
+        k=options.top_k,
+        mode=options.mode,
+        prefix=options.prefix,
+        where=where,
+        rrf_k=options.rrf_k,
+        candidates=options.candidates,
     )
     results = [h.to_dict() for h in hits]
-    if args.json:
+    if options.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
-        for h in hits:
-            snippet = " ".join(h.text.split())
-            snippet = snippet if len(snippet) <= args.width else snippet[: args.width - 3] + "..."
-            print(f"{h.rank:>2}. {h.score:.4f}  {h.doc_id} [{h.start}:{h.end}]\n    {snippet}")
-        if not hits:
-            print("no results")
+        print_hits(hits, options.width)
     return results
 
 

@@ -21,7 +21,6 @@ says so; one whose builder fails says why (`--strict` raises instead) and the re
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import math
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from tiny_hf.options import parse_options
 from training.report import eval_records, plot_loss_curves, read_metrics, run_results
 
 REPORT_FILE = "REPORT.md"
@@ -115,29 +115,36 @@ SMALL_QUANTIZE = [
 SMALL_LONG_CONTEXT = ["--finetune-steps", "20", "--eval-blocks", "8", "--trials", "2"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sources = parser.add_argument_group("sources")
-    sources.add_argument("--run", type=Path, default=Path("runs/demo"), help="the pretraining run folder to report")
-    sources.add_argument("--runs", type=Path, default=Path("runs"), help="where the other stages' run folders are")
-    sources.add_argument("--results", type=Path, default=Path("bench/results"), help="committed results")
-    budget = parser.add_argument_group("budget")
-    budget.add_argument("--quick", action="store_true", help="train a tiny config; gather everything else")
-    budget.add_argument("--gather-only", action="store_true", help="never run a missing stage (default mode)")
-    budget.add_argument("--max-steps", type=int, default=None, help="pretraining steps (quick: 40, default: 200)")
-    budget.add_argument(
-        "--train-out",
-        type=Path,
+@dataclass
+class CardOptions:
+    # ---- sources ----
+    run: Path = field(default=Path("runs/demo"), metadata={"help": "the pretraining run folder to report"})
+    runs: Path = field(default=Path("runs"), metadata={"help": "where the other stages' run folders are"})
+    results: Path = field(default=Path("bench/results"), metadata={"help": "committed results"})
+    # ---- budget ----
+    quick: bool = field(default=False, metadata={"help": "train a tiny config; gather everything else"})
+    gather_only: bool = field(default=False, metadata={"help": "never run a missing stage (default mode)"})
+    max_steps: int | None = field(default=None, metadata={"help": "pretraining steps (quick: 40, default: 200)"})
+    train_out: Path | None = field(
         default=None,
-        help="where a run trained here goes (quick: a temporary folder, default: runs/report)",
+        metadata={"help": "where a run trained here goes (quick: a temporary folder, default: runs/report)"},
     )
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, default=Path("report"))
-    output.add_argument("--strict", action="store_true", help="raise when a section fails instead of noting it")
-    system = parser.add_argument_group("system")
-    system.add_argument("--seed", type=int, default=0)
-    parser.add_argument("pretrain_args", nargs="*", help="extra training/pretrain.py flags, after --")
-    return parser.parse_args(argv)
+    # ---- output ----
+    out: Path = field(default=Path("report"), metadata={"help": "the folder of REPORT.md and its images"})
+    strict: bool = field(default=False, metadata={"help": "raise when a section fails instead of noting it"})
+    # ---- system ----
+    seed: int = field(default=0, metadata={"help": "seed of a run trained here"})
+    # the extra training/pretrain.py flags, after `--` (not an option of the card itself)
+    pretrain_args: list[str] = field(default_factory=list, init=False)
+
+
+def parse_args(argv: list[str] | None = None) -> CardOptions:
+    """The card's options from `argv` (default: the command line); everything after `--` goes to pretraining."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    (options,) = parse_options(CardOptions, argv=argv[:split], description=__doc__)
+    options.pretrain_args = argv[split + 1 :]
+    return options
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -457,47 +464,40 @@ def stage_summary(ctx: dict, run_name: str, result_name: str | None) -> tuple[di
     return None, None
 
 
-def alignment_section(card: Card, ctx: dict) -> Section:
-    rows, sources = [], []
+def _lm_cells(f: dict) -> list:
+    return ["val loss", f"{f['before']['val_loss']:.3f}", f"{f['after']['val_loss']:.3f}"]
 
-    def add(stage: str, run_name: str, result_name: str | None, row: Callable[[dict], list]) -> None:
-        figures, where = stage_summary(ctx, run_name, result_name)
-        if figures is None:
-            rows.append([stage, "-", "-", "-", "-", f"not run (no `{run_name}/summary.json`)"])
-            return
-        rows.append([stage, f"`{figures.get('model', '?')}`", *row(figures), card.link(Path(where))])
-        sources.append(Path(where).parent.name if "summary.json" in where else "committed")
 
-    def lm(f: dict) -> list:
-        return ["val loss", f"{f['before']['val_loss']:.3f}", f"{f['after']['val_loss']:.3f}"]
-
-    add("LoRA (PEFT)", "lora", None, lm)
-    add("QLoRA (NF4 base)", "qlora", None, lm)
-    add(
+# One row per stage: (stage, its run folder under --runs, its committed results stem or None, and the measure,
+# before and after cells from its figures).
+ALIGNMENT_STAGES: list[tuple[str, str, str | None, Callable[[dict], list]]] = [
+    ("LoRA (PEFT)", "lora", None, _lm_cells),
+    ("QLoRA (NF4 base)", "qlora", None, _lm_cells),
+    (
         "LoRA sentiment classifier",
         "lora-sentiment",
         None,
         lambda f: ["accuracy", pct(f["before"]["accuracy"]), pct(f["after"]["accuracy"])],
-    )
-    add(
+    ),
+    (
         "SFT",
         "sft",
         "sft",
         lambda f: ["held-out assistant loss", f"{f['held_out_loss_before']:.3f}", f"{f['held_out_loss_after']:.3f}"],
-    )
-    add(
+    ),
+    (
         "SFT, verifiable task",
         "sft",
         "sft",
         lambda f: ["exact match", pct(f.get("exact_match_before")), pct(f.get("exact_match_after"))],
-    )
-    add(
+    ),
+    (
         "reward model",
         "reward",
         "reward_model",
         lambda f: ["held-out pair accuracy", pct(f["before"]["accuracy"]), pct(f["after"]["accuracy"])],
-    )
-    add(
+    ),
+    (
         "DPO",
         "dpo",
         None,
@@ -506,8 +506,8 @@ def alignment_section(card: Card, ctx: dict) -> Section:
             pct(f.get("before", {}).get("accuracy")),
             pct(f.get("after", {}).get("accuracy")),
         ],
-    )
-    add(
+    ),
+    (
         "PPO",
         "ppo",
         None,
@@ -516,8 +516,8 @@ def alignment_section(card: Card, ctx: dict) -> Section:
             fmt(f.get("first_reward")),
             f"{fmt(f.get('last_reward'))} ({fmt(f.get('last_kl'))})",
         ],
-    )
-    add(
+    ),
+    (
         "GRPO",
         "grpo",
         "grpo",
@@ -526,7 +526,50 @@ def alignment_section(card: Card, ctx: dict) -> Section:
             pct(f.get("held_out_exact_match_before")),
             pct(f.get("held_out_exact_match_after")),
         ],
-    )
+    ),
+]
+
+
+def alignment_rows(card: Card, ctx: dict) -> tuple[list[list], list[str]]:
+    """The table rows of `ALIGNMENT_STAGES`, and where each found row came from (a run folder's name, or
+    "committed")."""
+    rows, sources = [], []
+    for stage, run_name, result_name, cells in ALIGNMENT_STAGES:
+        figures, where = stage_summary(ctx, run_name, result_name)
+        if figures is None:
+            rows.append([stage, "-", "-", "-", "-", f"not run (no `{run_name}/summary.json`)"])
+            continue
+        rows.append([stage, f"`{figures.get('model', '?')}`", *cells(figures), card.link(Path(where))])
+        sources.append(Path(where).parent.name if "summary.json" in where else "committed")
+    return rows, sources
+
+
+def comparison_lines(card: Card, ctx: dict, sources: list[str]) -> list[str]:
+    """The side-by-side comparison (`alignment.md`, committed or in `<runs>/compare`), or a line saying how to make
+    it; adds its source to `sources`."""
+    path = results_file(ctx["results"], "alignment.md") or results_file(ctx["runs"] / "compare", "alignment.md")
+    if path is None:
+        return [
+            "",
+            "The side-by-side comparison of the alignment methods (`alignment/compare.py --results "
+            "bench/results`, which writes `bench/results/alignment.md`) has not been run: no `alignment.md`.",
+        ]
+    sources.append(committed(card, path) if path.parent == ctx["results"] else "compare")
+    return ["", "### The alignment methods side by side", ""] + card.embed(path, "alignment")
+
+
+def alignment_source(card: Card, ctx: dict, sources: list[str]) -> str:
+    """The section's source line: the run folders it read, then the committed results."""
+    named = sorted({s for s in sources if s != "committed" and "committed results" not in s})
+    parts = [f"run folders under {card.link(ctx['runs'])} ({', '.join(named)})"] if named else []
+    if "committed" in sources:
+        parts.append("committed results in " + card.link(ctx["results"], "bench/results"))
+    parts += [s for s in sources if "committed results" in s]
+    return "; ".join(parts) or "none"
+
+
+def alignment_section(card: Card, ctx: dict) -> Section:
+    rows, sources = alignment_rows(card, ctx)
     body = table(["stage", "starts from", "measure", "before", "after", "figures"], rows, "lllrrl")
     body += [
         "",
@@ -534,29 +577,12 @@ def alignment_section(card: Card, ctx: dict) -> Section:
         "reward model, DPO, PPO and GRPO from the SFT model). A row marked not run has neither a run folder nor "
         "committed results.",
     ]
-    for name in ("alignment.md",):
-        path = results_file(ctx["results"], name) or results_file(ctx["runs"] / "compare", name)
-        if path is not None:
-            body += ["", "### The alignment methods side by side", ""] + card.embed(path, "alignment")
-            sources.append(committed(card, path) if path.parent == ctx["results"] else "compare")
-        else:
-            body += [
-                "",
-                "The side-by-side comparison of the alignment methods (`alignment/compare.py --results "
-                "bench/results`, which writes `bench/results/alignment.md`) has not been run: no "
-                "`alignment.md`.",
-            ]
+    body += comparison_lines(card, ctx, sources)
     margins = ctx["runs"] / "reward" / "margins.png"
     margins = margins if margins.is_file() else results_file(ctx["results"], "reward_margins.png")
     if margins is not None:
         body += ["", f"![reward margins]({card.copy_image(margins, 'reward')})"]
-    named = sorted({s for s in sources if s != "committed" and "committed results" not in s})
-    source = "; ".join(
-        ([f"run folders under {card.link(ctx['runs'])} ({', '.join(named)})"] if named else [])
-        + (["committed results in " + card.link(ctx["results"], "bench/results")] if "committed" in sources else [])
-        + [s for s in sources if "committed results" in s]
-    )
-    return Section("Fine-tuning, SFT and alignment", source or "none", body)
+    return Section("Fine-tuning, SFT and alignment", alignment_source(card, ctx, sources), body)
 
 
 def compression_section(card: Card, ctx: dict) -> Section:
@@ -696,7 +722,7 @@ def is_complete_run(run: Path) -> bool:
     return (run / "metrics.jsonl").is_file() and (run / "model" / "config.json").is_file()
 
 
-def pretrain_run(args: argparse.Namespace, train_out: Path) -> Path:
+def pretrain_run(args: CardOptions, train_out: Path) -> Path:
     """Train a run into `train_out` (quick: the tiny config; default: make demo's recipe, fewer steps)."""
     from training import pretrain
 
@@ -770,47 +796,51 @@ def anchor(title: str) -> str:
     return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    out = args.out
-    if out.exists():  # only what an earlier card wrote: the Markdown file and its images
+def clear_output(out: Path) -> None:
+    """Make `out`, removing only what an earlier card wrote there: the Markdown file and its images."""
+    if out.exists():
         for old in [out / REPORT_FILE, *out.glob("*.png")]:
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    temporary = None
-    ran: list[str] = []
-    if args.quick:
-        if args.train_out is None:
-            temporary = tempfile.TemporaryDirectory(prefix="report-run-")
-        run = pretrain_run(args, args.train_out or Path(temporary.name) / "quick-run")
-        ran.append("pretraining (tiny, quick)")
-        mode = f"quick: a tiny model trained here for a few steps ({run.name}); the other sections are gathered"
-    else:
-        run = args.run
-        if not is_complete_run(run):
-            train_out = args.train_out or args.runs / "report"
-            if args.gather_only:
-                print(f"report: {run} is not a complete run folder and --gather-only: no training sections")
-                run = None
-            elif is_complete_run(train_out) and not args.pretrain_args:
-                run = train_out
-            else:
-                run = pretrain_run(args, train_out)
-                ran.append("pretraining")
-        if run is not None and not args.gather_only:
-            ran += run_missing_stages(run, args.strict)
-        mode = "default: gathered from run folders and committed results" + (
-            f"; run here at a small budget: {', '.join(ran)}" if ran else ""
-        )
-    ctx = {"run": run, "runs": args.runs, "results": args.results, "mode": mode}
-    card = Card(out, args.results, Path(temporary.name) if temporary is not None else None)
+
+
+def quick_run(args: CardOptions, scratch: Path | None) -> tuple[Path, list[str], str]:
+    """--quick: (the tiny run trained here, what ran, the mode line); into --train-out, else into `scratch`."""
+    run = pretrain_run(args, args.train_out or scratch / "quick-run")
+    mode = f"quick: a tiny model trained here for a few steps ({run.name}); the other sections are gathered"
+    return run, ["pretraining (tiny, quick)"], mode
+
+
+def default_run(args: CardOptions) -> tuple[Path | None, list[str], str]:
+    """Default mode: (the run to report, what ran, the mode line): --run when complete, else an earlier
+    `runs/report`, else one trained here (not with --gather-only); then its missing stages."""
+    run, ran = args.run, []
+    if not is_complete_run(run):
+        train_out = args.train_out or args.runs / "report"
+        if args.gather_only:
+            print(f"report: {run} is not a complete run folder and --gather-only: no training sections")
+            run = None
+        elif is_complete_run(train_out) and not args.pretrain_args:
+            run = train_out
+        else:
+            run = pretrain_run(args, train_out)
+            ran.append("pretraining")
+    if run is not None and not args.gather_only:
+        ran += run_missing_stages(run, args.strict)
+    mode = "default: gathered from run folders and committed results" + (
+        f"; run here at a small budget: {', '.join(ran)}" if ran else ""
+    )
+    return run, ran, mode
+
+
+def build_sections(card: Card, ctx: dict, strict: bool) -> tuple[list[Section], list[str]]:
+    """Every section of `SECTIONS`, and the titles of those that failed (each then says why), unless `strict`."""
     sections, failed = [], []
     for build in SECTIONS:
         try:
             sections.append(build(card, ctx))
         except Exception as error:  # one broken source must not cost the rest of the card
-            if args.strict:
+            if strict:
                 raise
             title = build.__name__.removesuffix("_section").replace("_", " ").capitalize()
             failed.append(title)
@@ -818,16 +848,31 @@ def main(argv=None) -> dict:
             sections.append(
                 Section(title, "failed", [f"This section could not be built: `{type(error).__name__}: {error}`."])
             )
-    elapsed = time.perf_counter() - started
+    return sections, failed
+
+
+def main(argv: list[str] | None = None) -> dict:
     from training.report import format_duration
 
-    title = "tiny-hf report card" + (" (quick)" if args.quick else "")
-    (out / REPORT_FILE).write_text(render(sections, title, format_duration(elapsed)), encoding="utf-8")
-    if temporary is not None:
-        temporary.cleanup()
-    print(f"report: wrote {out / REPORT_FILE} with {len(card.images)} images in {format_duration(elapsed)}")
+    args = parse_args(argv)
+    started = time.perf_counter()
+    clear_output(args.out)
+    temporary = tempfile.TemporaryDirectory(prefix="report-run-") if args.quick and args.train_out is None else None
+    scratch = Path(temporary.name) if temporary is not None else None
+    try:
+        run, ran, mode = quick_run(args, scratch) if args.quick else default_run(args)
+        ctx = {"run": run, "runs": args.runs, "results": args.results, "mode": mode}
+        card = Card(args.out, args.results, scratch)
+        sections, failed = build_sections(card, ctx, args.strict)
+        elapsed = time.perf_counter() - started
+        title = "tiny-hf report card" + (" (quick)" if args.quick else "")
+        (args.out / REPORT_FILE).write_text(render(sections, title, format_duration(elapsed)), encoding="utf-8")
+    finally:  # the quick run's folder goes, whether or not the card could be written
+        if temporary is not None:
+            temporary.cleanup()
+    print(f"report: wrote {args.out / REPORT_FILE} with {len(card.images)} images in {format_duration(elapsed)}")
     return {
-        "report": out / REPORT_FILE,
+        "report": args.out / REPORT_FILE,
         "sections": [s.title for s in sections],
         "images": card.images,
         "failed": failed,

@@ -127,7 +127,7 @@ def test_best_of_n_keeps_the_reward_models_favourite(tiny_lm_dir, runs, small_ta
     judge = compare.Judge(str(runs / "reward"), 256)
     monkeypatch.setattr(judge, "scores", lambda rows, answers: [float(len(a)) for a in answers])
     rows = list(compare.preference_dataset()["test"])[:4]
-    samples = compare.texts_of(tokenizer, compare.sample(model, tokenizer, rows, max_new_tokens=6, seed=0, n=3))
+    samples = [r.text for r in compare.sample(model, tokenizer, rows, max_new_tokens=6, seed=0, n=3)]
     best = compare.best_of_n(model, tokenizer, judge, rows, args)
     for i, answer in enumerate(best["docs_answers"]):
         assert len(answer) == max(len(s) for s in samples[3 * i : 3 * i + 3])

@@ -11,7 +11,8 @@ from conftest import RAG_QUESTION, free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app.demo import PASSAGE_COLUMNS, attention_map, build_demo, main, resolve_model, token_spans
+from app.demo import PASSAGE_COLUMNS, attention_map, build_demo, main, token_spans
+from tiny_hf.runs import resolve_model
 
 # One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
 pytestmark = pytest.mark.xdist_group("gradio")

@@ -3,11 +3,15 @@
 1. Every relative link and image in README.md and docs/*.md points at a file that exists (and a same-page anchor at
    a heading of that page).
 2. Every command shown in a ```bash block of docs/*.md, and every command of the README's Learning path table, is
-   checked against the real code: for `python -m pkg.mod ...`, `python path/script.py ...` and
-   `accelerate launch [launcher flags] script ...` the script's `main(argv)` is called with
-   `argparse.ArgumentParser.parse_args` patched to parse the shown argv with the script's own parser and then stop,
-   so an unknown or malformed flag fails here and nothing runs; `make X` needs a Makefile target X.
+   checked against the real code: for `tiny-hf STAGE ...` (`tiny-hf bench NAME ...`), `python -m pkg.mod ...`,
+   `python path/script.py ...` and `accelerate launch [launcher flags] script ...` the stage's `main(argv)` is called
+   the way tiny_hf.cli calls it, with `argparse.ArgumentParser.parse_known_args` patched so that the stage's first
+   parse reads the shown argv with its own parser and then stops main(): an unknown or malformed flag fails here and
+   nothing runs. Patching `parse_known_args` covers both kinds of stage parser: argparse's `parse_args` calls it, and
+   so do `HfArgumentParser.parse_args_into_dataclasses` and tiny_hf.options' first look for `--config`. `make X`
+   needs a Makefile target X.
 3. Every entry point shown is run at a tiny size by some test: `TINY_RUNS` names that test, and the test must exist.
+   Entry points are script paths: `tiny-hf STAGE` counts as its module's file (tiny_hf.cli.STAGES, BENCHMARKS).
    The entry points no other test file runs (the ablation script, the demo, the benchmarks shown) are run tiny here.
 """
 
@@ -20,8 +24,11 @@ import json
 import re
 import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from tiny_hf.cli import BENCHMARKS, STAGES, run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
@@ -57,6 +64,9 @@ TINY_RUNS: dict[str, str] = {
     "alignment/compare.py": "tests/test_alignment_compare.py::test_one_table_for_every_method_on_the_same_prompts",
     "rag/index.py": "tests/test_rag.py::test_index_and_search_cli",
     "rag/search.py": "tests/test_rag.py::test_index_and_search_cli",
+    "rag/answer.py": "tests/test_docs.py::test_rag_answer_runs_tiny",
+    "bench/rag_bench.py": "tests/test_docs.py::test_rag_bench_runs_tiny",
+    "report/card.py": "tests/test_report_card.py::test_quick_card_has_every_section_and_its_links_resolve",
     "training/long_context.py": "tests/test_long_context.py::test_script_writes_the_report_for_every_variant",
     "app/server.py": "tests/test_server.py::test_cli_serves_and_shuts_down_gracefully",
     # main() builds this app with build_demo() and launches it; the fixture of this test does the same on a tiny model.
@@ -117,8 +127,9 @@ def learning_path_commands() -> list[str]:
 
 
 def shown_commands() -> list[tuple[str, str]]:
-    """(where, command) for every command the guide shows."""
-    found = [(f"docs/{page.name}", cmd) for page in DOC_PAGES for cmd in bash_commands(page)]
+    """(where, command) for every command the guide shows: the bash blocks of the README and docs/*.md, and the
+    README's Learning path table."""
+    found = [(str(page.relative_to(ROOT)), cmd) for page in markdown_files() for cmd in bash_commands(page)]
     return found + [("README.md learning path", cmd) for cmd in learning_path_commands()]
 
 
@@ -144,42 +155,133 @@ def script_of_module(name: str) -> str:
     return name.replace(".", "/") + ".py"
 
 
-def parse_command(command: str) -> tuple[str, str, list[str]]:
-    """(kind, entry point, argv): kind is 'make', 'python' or 'accelerate'; the entry point a script path (or the
-    make target); argv what the script's parser sees."""
+class Shown(NamedTuple):
+    """A shown command, understood.
+
+    Args:
+        kind: 'make', 'tiny-hf', 'python', 'accelerate' or 'curl' (a request to a running server: nothing to parse).
+        entry: The script path (`tiny-hf STAGE` and `python -m a.b` count as their module's file) or the make target.
+        argv: What the stage's parser sees.
+        prog: The program name the stage's usage line prints, as tiny_hf.cli sets it.
+    """
+
+    kind: str
+    entry: str
+    argv: list[str]
+    prog: str = ""
+
+
+def parse_tiny_hf(command: str, words: list[str]) -> Shown:
+    """`tiny-hf STAGE ...` or `tiny-hf bench NAME ...`: the stage's module from tiny_hf.cli's own tables."""
+    stage = words[1] if len(words) > 1 else None
+    assert stage in STAGES, f"{command!r}: {stage!r} is not one of tiny-hf's stages {sorted(STAGES)}"
+    if stage != "bench":
+        return Shown("tiny-hf", script_of_module(STAGES[stage][0]), words[2:], f"tiny-hf {stage}")
+    name = words[2] if len(words) > 2 else None
+    assert name in BENCHMARKS, f"{command!r}: {name!r} is not one of the benchmarks {sorted(BENCHMARKS)}"
+    return Shown("tiny-hf", script_of_module(BENCHMARKS[name]), words[3:], f"tiny-hf bench {name}")
+
+
+def parse_accelerate(command: str, words: list[str]) -> Shown:
+    """`accelerate launch [launcher flags] script|-m module ...`, read by accelerate's own launcher parser."""
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        launched = launch_command_parser().parse_args(words[2:])
+    except SystemExit:
+        raise AssertionError(f"{command!r}: accelerate launch rejected its flags (see stderr)") from None
+    script = launched.training_script
+    if launched.module:  # `accelerate launch -m training.pretrain`
+        script = script_of_module(script)
+    return Shown("accelerate", script, list(launched.training_script_args), script)
+
+
+def parse_command(command: str) -> Shown:
+    """What a shown command runs, and with which argv."""
     words = shlex.split(command, comments=True)
     while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):  # leading VAR=value environment settings
         words.pop(0)
     if words[:1] == ["make"]:
         assert len(words) == 2, f"{command!r}: show one make target at a time"
-        return "make", words[1], []
+        return Shown("make", words[1], [])
+    if words[:1] == ["tiny-hf"]:
+        return parse_tiny_hf(command, words)
     if words[:1] == ["python"]:
         if words[1:2] == ["-m"]:
-            return "python", script_of_module(words[2]), words[3:]
-        return "python", words[1], words[2:]
+            return Shown("python", script_of_module(words[2]), words[3:], words[2])
+        return Shown("python", words[1], words[2:], words[1])
     if words[:2] == ["accelerate", "launch"]:
-        from accelerate.commands.launch import launch_command_parser
-
-        try:
-            launched = launch_command_parser().parse_args(words[2:])
-        except SystemExit:
-            raise AssertionError(f"{command!r}: accelerate launch rejected its flags (see stderr)") from None
-        return "accelerate", launched.training_script, list(launched.training_script_args)
-    raise AssertionError(f"{command!r}: the guide shows only python, accelerate launch and make commands")
+        return parse_accelerate(command, words)
+    if words[:1] == ["curl"]:
+        return Shown("curl", "", words[1:])
+    raise AssertionError(
+        f"{command!r}: the guide shows only tiny-hf, python, accelerate launch, make and curl commands"
+    )
 
 
 def entry_key(kind: str, script: str) -> str:
     return f"accelerate launch {script}" if kind == "accelerate" else script
 
 
-def load_script(script: str):
+def module_of_script(script: str) -> str:
     """The module of a script path (every folder with scripts is a package)."""
     assert (ROOT / script).is_file(), f"{script} does not exist"
-    return importlib.import_module(script[: -len(".py")].replace("/", "."))
+    return script[: -len(".py")].replace("/", ".")
 
 
-class _Parsed(Exception):
-    """Raised by the patched parse_args once the shown argv parsed: main() stops before doing anything."""
+def load_script(script: str):
+    return importlib.import_module(module_of_script(script))
+
+
+class _Parsed(BaseException):
+    """Raised by the patched parse_known_args once the stage's parser has read the shown argv: main() stops there.
+    A BaseException, so that no `except Exception` in a stage can swallow it."""
+
+    def __init__(self, unrecognised: list[str]):
+        super().__init__(unrecognised)
+        self.unrecognised = unrecognised
+
+
+def check_command(command: str) -> None:
+    """Parse a shown command with the real code and stop before it runs; an AssertionError says what is wrong.
+
+    The stage's `main(argv)` is called as tiny_hf.cli calls it (`run_module`). Its first `parse_known_args` (argparse's
+    `parse_args` and HfArgumentParser's both go through it) parses the shown argv for real, so a malformed value or
+    a missing required option exits as it would; what is left over is a flag the stage does not know.
+    """
+    kind, entry, argv, prog = parse_command(command)
+    if kind == "curl":
+        return
+    if kind == "make":
+        assert entry in makefile_targets(), f"`{command}`: the Makefile has no target {entry!r}"
+        return
+    module = load_script(entry)
+    assert callable(getattr(module, "main", None)), f"`{command}`: {entry} has no main(argv)"
+    original = argparse.ArgumentParser.parse_known_args
+    inside: list[argparse.ArgumentParser] = []
+
+    def parse_then_stop(self, args=None, namespace=None):
+        if inside:  # a subparser's parse, run inside the stage parser's own
+            return original(self, args, namespace)
+        inside.append(self)
+        try:
+            _, unrecognised = original(self, args, namespace)
+        finally:
+            inside.pop()
+        raise _Parsed(unrecognised)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", parse_then_stop)
+        try:
+            run_module(module.__name__, prog, argv)
+        except _Parsed as parsed:
+            assert not parsed.unrecognised, f"`{command}`: {entry}'s parser does not know {parsed.unrecognised}"
+            return
+        except SystemExit as exit_:
+            raise AssertionError(
+                f"`{command}`: {entry}'s parser rejected {argv} (exit {exit_.code}; see stderr)"
+            ) from None
+    raise AssertionError(f"`{command}`: {entry}.main returned without parsing its arguments")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,45 +320,118 @@ def test_the_guide_shows_commands():
 
 
 @pytest.mark.parametrize("where, command", shown_commands(), ids=[f"{w}: {c[:60]}" for w, c in shown_commands()])
-def test_shown_command_is_accepted_by_the_real_parser(where, command, monkeypatch):
-    kind, entry, argv = parse_command(command)
-    if kind == "make":
-        assert entry in makefile_targets(), f"{where}: `{command}`: the Makefile has no target {entry!r}"
-        return
-    module = load_script(entry)
-    assert callable(getattr(module, "main", None)), f"{where}: {entry} has no main(argv)"
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_then_stop(self, args=None, namespace=None):
-        raise _Parsed(original(self, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+def test_shown_command_is_accepted_by_the_real_parser(where, command):
     try:
-        module.main(argv)
-    except _Parsed:
-        return
-    except SystemExit as exit_:
-        pytest.fail(f"{where}: `{command}`: {entry}'s parser rejected {argv} (exit {exit_.code}; see stderr)")
-    pytest.fail(f"{where}: `{command}`: {entry}.main returned without parsing its arguments")
+        check_command(command)
+    except AssertionError as error:
+        pytest.fail(f"{where}: {error}")
+
+
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (
+            "tiny-hf pretrain --out runs/x --max-steps 2",
+            Shown("tiny-hf", "training/pretrain.py", ["--out", "runs/x", "--max-steps", "2"], "tiny-hf pretrain"),
+        ),
+        (
+            "tiny-hf long-context --model runs/demo",
+            Shown("tiny-hf", "training/long_context.py", ["--model", "runs/demo"], "tiny-hf long-context"),
+        ),
+        (
+            "tiny-hf bench serve-speed --concurrency 1",
+            Shown("tiny-hf", "bench/serve_speed.py", ["--concurrency", "1"], "tiny-hf bench serve-speed"),
+        ),
+        (
+            "python -m training.pretrain --out runs/x",
+            Shown("python", "training/pretrain.py", ["--out", "runs/x"], "training.pretrain"),
+        ),
+        (
+            "python training/pretrain.py --out runs/x",
+            Shown("python", "training/pretrain.py", ["--out", "runs/x"], "training/pretrain.py"),
+        ),
+        (
+            "accelerate launch --num_processes 2 training/pretrain.py --out x",
+            Shown("accelerate", "training/pretrain.py", ["--out", "x"], "training/pretrain.py"),
+        ),
+        (
+            "ACCELERATE_USE_CPU=1 accelerate launch -m training.pretrain --out x",
+            Shown("accelerate", "training/pretrain.py", ["--out", "x"], "training/pretrain.py"),
+        ),
+        ("make demo", Shown("make", "demo", [])),
+    ],
+)
+def test_commands_map_to_their_stage_module(command, expected):
+    assert parse_command(command) == expected
+
+
+@pytest.mark.parametrize(
+    "command, says",
+    [
+        ("tiny-hf pretrain --no-such-flag", "does not know ['--no-such-flag']"),
+        ("tiny-hf pretrain --max-steps many", "parser rejected ['--max-steps', 'many']"),
+        ("python -m training.pretrain --out runs/x --no-such-flag 1", "does not know ['--no-such-flag', '1']"),
+        ("accelerate launch training/pretrain.py --no-such-flag", "does not know ['--no-such-flag']"),
+        ("tiny-hf export --no-such-flag", "does not know ['--no-such-flag']"),  # HfArgumentParser (tiny_hf.options)
+        ("tiny-hf export --format onnx", "parser rejected ['--format', 'onnx']"),
+        ("tiny-hf bench model-speed --no-such-flag", "does not know ['--no-such-flag']"),
+        ("tiny-hf no-such-stage --out x", "'no-such-stage' is not one of tiny-hf's stages"),
+        ("tiny-hf bench no-such-bench", "'no-such-bench' is not one of the benchmarks"),
+        ("python training/no_such_script.py", "training/no_such_script.py does not exist"),
+        ("make no-such-target", "the Makefile has no target 'no-such-target'"),
+        ("bash run.sh", "the guide shows only"),
+    ],
+)
+def test_the_checker_rejects_a_wrong_command(command, says):
+    with pytest.raises(AssertionError, match=re.escape(says)):
+        check_command(command)
+
+
+def test_the_checker_accepts_both_spellings_of_a_dataclass_option():
+    """HfArgumentParser stages take `--max-steps` and `--max_steps`; `--config` is read by the first parse."""
+    check_command("tiny-hf export --model runs/demo --out exports/demo --format llama")
+    check_command("tiny-hf tokenizer --vocab_size 400 --out runs/tok --config tokenizer.yaml")
+    check_command("tiny-hf tokenizer --vocab-size 400 --out runs/tok")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. Every entry point shown is run at a tiny size by a test
 # ---------------------------------------------------------------------------------------------------------------------
+def make_entry_points(recipe: list[str]) -> set[str]:
+    """What a make target runs: `$(VENV)/bin/tiny-hf STAGE` (every benchmark named in the recipe for `tiny-hf bench`,
+    which a shell loop runs), `$(PY) -m pkg.mod` or `$(PY) path.py`."""
+    entries = set()
+    for line in recipe:
+        if match := re.search(r"/tiny-hf\s+([\w-]+)", line):
+            if match.group(1) == "bench":
+                named = set(re.findall(r"[\w-]+", " ".join(recipe))) & set(BENCHMARKS)
+                entries |= {script_of_module(BENCHMARKS[name]) for name in named}
+            else:
+                entries.add(parse_tiny_hf(line, ["tiny-hf", match.group(1)]).entry)
+        elif match := re.match(r"\$\(PY\)\s+-m\s+([\w.]+)", line):
+            entries.add(script_of_module(match.group(1)))
+        elif match := re.match(r"\$\(PY\)\s+(\S+\.py)", line):
+            entries.add(match.group(1))
+    return {entry for entry in entries if (ROOT / entry).is_file()}  # `$(PY) -m pytest` is the suite, not a stage
+
+
 def shown_entry_points() -> set[str]:
     entries = set()
     targets = makefile_targets()
     for _, command in shown_commands():
-        kind, entry, _ = parse_command(command)
-        if kind != "make":
+        kind, entry, _, _ = parse_command(command)
+        if kind == "make":
+            entries |= make_entry_points(targets.get(entry, []))
+        elif kind != "curl":
             entries.add(entry_key(kind, entry))
-            continue
-        for line in targets.get(entry, []):  # what a make target runs: `$(PY) -m pkg.mod` or `$(PY) path.py`
-            if match := re.match(r"\$\(PY\)\s+-m\s+([\w.]+)", line):
-                entries.add(script_of_module(match.group(1)))
-            elif match := re.match(r"\$\(PY\)\s+(\S+\.py)", line):
-                entries.add(match.group(1))
     return entries
+
+
+def test_make_targets_resolve_to_the_stages_they_run():
+    targets = makefile_targets()
+    assert make_entry_points(targets["demo"]) == {"training/demo.py"}
+    assert make_entry_points(targets["serve"]) == {"app/server.py"}
+    assert make_entry_points(targets["bench"]) >= {"bench/tokenizer_bench.py", "bench/model_speed.py"}
 
 
 def test_every_shown_entry_point_has_a_tiny_run():
@@ -329,17 +504,16 @@ def test_demo_runs_tiny(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_ablate_runs_tiny(corpus, tmp_path, monkeypatch):
-    from training import ablate, pretrain
+def test_ablate_runs_tiny(corpus, tmp_path):
+    from training import ablate
 
-    # ablate.py takes a preset and its own evaluation budget: shrink the model, the tokenizer it trains once (shared
-    # by every variant) and the evaluation. Later flags win; `--set`s add to the variant's own.
+    # ablate takes every pretraining option: shrink the model, the tokenizer it trains once (shared by every
+    # variant) and the evaluation. The `--set`s add to each variant's own.
     tiny = [*TINY_MODEL, "--vocab-size", "400", "--eval-blocks", "2", "--sample-tokens", "2", "--cpu"]
-    original = pretrain.parse_args
-    monkeypatch.setattr(pretrain, "parse_args", lambda argv=None: original([*argv, *tiny]))
     out, results = tmp_path / "ablate", tmp_path / "results"
     figures = ablate.main(
         [
+            *tiny,
             "--studies",
             "block",
             "--data",
@@ -427,8 +601,10 @@ def test_model_speed_runs_tiny(tmp_path):
 def test_train_speed_runs_tiny(corpus, tmp_path, monkeypatch):
     from training import pretrain
 
-    original = pretrain.parse_args
-    monkeypatch.setattr(pretrain, "parse_args", lambda argv=None: original([*argv, "--vocab-size", "400", "--cpu"]))
+    original, tiny = pretrain.parse_options, ["--vocab-size", "400", "--cpu"]
+    monkeypatch.setattr(
+        pretrain, "parse_options", lambda *types, argv, **kw: original(*types, argv=[*argv, *tiny], **kw)
+    )
     bench = load_script("bench/train_speed.py")
     figures = bench.main(
         [
@@ -481,3 +657,22 @@ def test_attention_cost_runs_tiny(tmp_path):
         ]
     )
     assert [r.get("skipped") for r in figures["rows"]] == [None], figures["rows"]  # each row is a child process
+
+
+@pytest.mark.slow
+def test_rag_answer_runs_tiny(rag_index_dir, tiny_lm_dir, capsys):
+    from conftest import RAG_QUESTION
+
+    argv = ["--index", str(rag_index_dir), "--model", str(tiny_lm_dir), "--max-new-tokens", "4", "--json"]
+    result = run_module("rag.answer", "tiny-hf ask", [*argv, "-k", "2", RAG_QUESTION])
+    assert len(result["sources"]) == 2 and json.loads(capsys.readouterr().out)["text"] == result["text"]
+
+
+@pytest.mark.slow
+def test_rag_bench_runs_tiny(tmp_path):
+    tiny = ["--max-docs", "2", "--queries", "5", "--repeats", "1", "--sizes", "200", "--scale-queries", "3"]
+    figures = run_module("bench.rag_bench", "tiny-hf bench rag", [*tiny, "--results", str(tmp_path)])
+    assert figures["quality"]["documents"] == 2 and figures["dense_scaling"][0]["vectors"] == 200, figures[
+        "dense_scaling"
+    ]
+    assert (tmp_path / "rag.md").exists()

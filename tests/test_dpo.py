@@ -44,7 +44,7 @@ def run(model_dir, data, out, *extra):
             str(data),
             "--out",
             str(out),
-            "--batch-size",
+            "--per-device-train-batch-size",
             "4",
             "--max-length",
             "64",
@@ -60,7 +60,7 @@ def run(model_dir, data, out, *extra):
 @pytest.mark.parametrize("lora", [False, True])
 def test_dpo_trains_summarises_and_exports(tiny_lm_dir, prefs, tmp_path, lora):
     out = tmp_path / "dpo"
-    extra = ["--lora", "--rank", "4", "--lr", "1e-2"] if lora else ["--lr", "1e-3"]
+    extra = ["--lora", "--rank", "4", "--learning-rate", "1e-2"] if lora else ["--learning-rate", "1e-3"]
     figures = run(tiny_lm_dir, prefs, out, "--max-steps", "3", "--results", str(tmp_path / "results"), *extra)
     assert len(figures["log"]) == 3
     for key in dpo.LOGGED:
@@ -77,7 +77,7 @@ def test_dpo_trains_summarises_and_exports(tiny_lm_dir, prefs, tmp_path, lora):
 def test_dpo_implicit_reward_accuracy_rises_above_chance(tiny_lm_dir, tmp_path):
     data = tmp_path / "prefs.jsonl"
     write_preferences(data, n=200)  # 10 held-out pairs
-    figures = run(tiny_lm_dir, data, tmp_path / "dpo", "--max-steps", "12", "--lr", "2e-3", "--beta", "0.5")
+    figures = run(tiny_lm_dir, data, tmp_path / "dpo", "--max-steps", "12", "--learning-rate", "2e-3", "--beta", "0.5")
     held = figures["held_out"]
     assert held["logp_accuracy_reference"] < 0.5  # the random start prefers the stutter: DPO must turn that around
     assert held["accuracy"] >= 0.8, held
@@ -101,7 +101,9 @@ def test_bad_loss_type_and_rows_fail_clearly(tiny_lm_dir, prefs, tmp_path):
 
 
 def test_other_loss_types_train(tiny_lm_dir, prefs, tmp_path):
-    figures = run(tiny_lm_dir, prefs, tmp_path / "ipo", "--max-steps", "1", "--loss-type", "ipo", "--lr", "1e-3")
+    figures = run(
+        tiny_lm_dir, prefs, tmp_path / "ipo", "--max-steps", "1", "--loss-type", "ipo", "--learning-rate", "1e-3"
+    )
     assert figures["loss_type"] == "ipo" and len(figures["log"]) == 1
 
 
@@ -117,7 +119,7 @@ def test_implicit_prompts_are_split_off(tiny_lm_dir, tmp_path):
         )
     data = tmp_path / "implicit.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    figures = run(tiny_lm_dir, data, tmp_path / "dpo", "--max-steps", "1", "--lr", "1e-3")
+    figures = run(tiny_lm_dir, data, tmp_path / "dpo", "--max-steps", "1", "--learning-rate", "1e-3")
     assert len(figures["log"]) == 1 and figures["held_out"]["by_kind"].keys() == {"all"}
     row = dpo.explicit_prompt({"prompt": [], **rows[0]})
     assert row["prompt"] == rows[0]["chosen"][:1] and row["rejected"] == rows[0]["rejected"][1:]
@@ -134,7 +136,7 @@ def test_implicit_prompts_are_split_off(tiny_lm_dir, tmp_path):
 def test_stock_llama_dpo_lora(stock_llama_dir, prefs, tmp_path):
     llama_dir = stock_llama_dir
     out = tmp_path / "dpo"
-    figures = run(llama_dir, prefs, out, "--max-steps", "2", "--lora", "--rank", "4", "--lr", "1e-3")
+    figures = run(llama_dir, prefs, out, "--max-steps", "2", "--lora", "--rank", "4", "--learning-rate", "1e-3")
     assert len(figures["log"]) == 2
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert type(model).__name__ == "LlamaForCausalLM"

@@ -170,18 +170,19 @@ def finetune_args(model, out, *extra: str) -> list[str]:
         str(out),
         "--max-steps",
         "8",
-        "--batch-size",
+        "--per-device-train-batch-size",
         "4",
-        "--lr",
+        "--learning-rate",
         "1e-2",
         "--warmup-steps",
         "0",
         "--eval-blocks",
         "8",
-        "--log-every",
+        "--logging-steps",
         "1",
-        "--no-progress",
-        "--cpu",
+        "--disable-tqdm",
+        "true",
+        "--use-cpu",
         *extra,
     ]
 
@@ -207,7 +208,7 @@ def test_causal_lm_lora_on_a_run_folder_improves_saves_reloads_and_merges(worksp
 
 
 def test_qlora_trains_a_4bit_base(workspace, tmp_path):
-    summary = finetune.main(finetune_args(workspace / "run", tmp_path / "qlora", "--qlora", "--rank", "4"))
+    summary = finetune.main(finetune_args(workspace / "run", tmp_path / "qlora", "--qlora", "--r", "4"))
     assert summary["qlora"] and summary["reload_max_abs_diff"] == 0.0
     assert summary["after"]["val_loss"] < summary["before"]["val_loss"]
 
@@ -263,9 +264,9 @@ def test_sentiment_data_is_deterministic_and_split_by_text():
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["--rank", "0"], r"--rank=0 must be a positive integer"),
+        (["--r", "0"], r"--r=0 must be a positive integer"),
         (["--task", "translation"], r"--task='translation' is not one of \['causal-lm', 'seq-cls'\]"),
-        (["--dropout", "1.5"], r"--dropout=1.5 is not in \[0, 1\)"),
+        (["--lora-dropout", "1.5"], r"--lora-dropout=1.5 is not in \[0, 1\)"),
         (["--target-modules", "q_proj,wq"], r"\['wq'\] match no linear layer.*'gate_proj'"),
         (
             ["--qlora", "--target-modules", "lm_head"],

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from alignment import grpo
 from alignment.data import MODULE_QUESTION
+from tiny_hf.chat import end_of_turn_ids
 
 NAMES = [
     ("dumps", "json"),
@@ -54,13 +55,13 @@ def run(model_dir, data, out, *extra):
             str(out),
             "--num-generations",
             "4",
-            "--batch-size",
+            "--per-device-train-batch-size",
             "8",
             "--max-completion-length",
             "8",
             "--logging-steps",
             "1",
-            "--lr",
+            "--learning-rate",
             "1e-3",
             "--eval-examples",
             "4",
@@ -142,23 +143,27 @@ def test_greedy_answers_engine_matches_generate(tiny_lm_dir):
     prompts = [[{"role": "user", "content": MODULE_QUESTION.format(name=n)}] for n, _ in NAMES[:3]]
     engine = grpo.greedy_answers(model, tokenizer, prompts, 6)
     ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=False) for p in prompts]
-    stop = [tokenizer.convert_tokens_to_ids(grpo.IM_END), tokenizer.eos_token_id]
+    stop = end_of_turn_ids(tokenizer)
     plain = []
     for row in ids:
         out = model.generate(torch.tensor([row]), max_new_tokens=6, do_sample=False, eos_token_id=stop)
-        plain.append(tokenizer.decode(out[0, len(row) :], skip_special_tokens=True).split(grpo.IM_END)[0].strip())
+        plain.append(tokenizer.decode(out[0, len(row) :], skip_special_tokens=True).strip())
     assert engine == plain
 
 
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["--num-generations", "1"], r"--num-generations=1 must be at least 2"),
+        # TRL's own config checks its fields, in its words
+        (["--num-generations", "1"], r"requires at least 2 generations per prompt.*You provided 1"),
         (["--beta", "-0.1"], r"--beta=-0.1 must be >= 0"),
         (["--algo", "ppo"], r"--algo='ppo' is not one of \['grpo', 'rloo'\]"),
         (["--rewards", "bleu"], r"'bleu' is not one of \['exact_match', 'partial_credit', 'format'\]"),
         (["--rewards", ""], r"no reward: give --rewards and/or --reward-model"),
-        (["--batch-size", "6"], r"--batch-size=6 must be a multiple of --num-generations=4"),
+        (
+            ["--per-device-train-batch-size", "6"],
+            r"generation_batch_size \(6\) must be divisible by num_generations \(4\)",
+        ),
     ],
 )
 def test_bad_arguments_fail_clearly(tiny_lm_dir, questions, tmp_path, extra, match):

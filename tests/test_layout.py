@@ -167,7 +167,10 @@ def test_cli_lists_the_stages_and_rejects_an_unknown_one(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["pretrian"])
     assert stop.value.code == 2
-    assert "invalid choice: 'pretrian'" in capsys.readouterr().err
+    assert "unknown stage 'pretrian' (did you mean pretrain?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("tiny-hf 0.")
 
 
 def test_stage_options_come_from_dataclasses_a_yaml_file_and_the_command_line(tmp_path):

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignment import ppo
 from alignment.reward import rewards as reward_model_rewards
 from tiny_hf import TinyForSequenceClassification
+from tiny_hf.chat import engine_model
 from tiny_hf.engine import Engine, SamplingParams
 
 STOP, PAD = 4, 2  # <|im_end|> and <|pad|> of tiny_hf tokenizers
@@ -212,7 +213,7 @@ def test_engine_runs_the_lora_adapters(tiny_lm_dir):
     lora = peft.get_peft_model(
         base, peft.LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)
     )
-    lm = ppo.engine_model(lora)
+    lm = engine_model(lora)
     assert lm is lora.get_base_model()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is json?"}], add_generation_prompt=True, tokenize=True, return_dict=False

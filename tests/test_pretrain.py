@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from tiny_hf.bpe import train_tokenizer
 from tiny_hf.corpus import DOC_SEPARATOR, topic_documents
 from training import pretrain
+from training.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny-1m"] + [
@@ -128,7 +129,7 @@ def test_resume_after_sigkill_gives_the_same_losses(workspace, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    resumed_from = pretrain.latest_checkpoint(killed)
+    resumed_from = latest_checkpoint(killed)
     assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < 30, resumed_from
 
     with pytest.raises(ValueError, match="pass --resume"):

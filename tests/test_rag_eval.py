@@ -3,13 +3,14 @@
 Kept fast: the indexes use the tiny test model as their encoder (no MiniLM), and a handful of documents.
 """
 
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 
 from rag import Encoder, RagIndex
-from rag.answer import Answer, answer, build_prompt, measure_answers
+from rag.answer import Answer, answer, build_prompt, cite, context_window, grounded_prompt, measure_answers
 from rag.evaluate import (
     build_queries,
     evaluate_index,
@@ -189,12 +190,12 @@ def test_answer_returns_text_and_sources(tiny_index, tiny_lm, docs):
     assert all(c in result.sources for c in result.citations)
 
 
-def test_citations_are_parsed_from_the_answer(tiny_index, tiny_lm, monkeypatch):
-    import rag.answer
-
-    monkeypatch.setattr(rag.answer, "generate_text", lambda *a, **kw: "See [2], then [1] and [2]; not [9].")
+def test_citations_are_parsed_from_the_answer(tiny_index, tiny_lm):
     model, tokenizer = tiny_lm
-    result = answer("csv reader rows", tiny_index, model, tokenizer, k=2, mode="bm25", max_new_tokens=8, system=None)
+    ids, sources, dropped = grounded_prompt(
+        "csv reader rows", tiny_index, tokenizer, window=context_window(model), k=2, mode="bm25", system=None
+    )
+    result = cite("See [2], then [1] and [2]; not [9].", sources, prompt_tokens=len(ids), dropped=dropped)
     assert [c.number for c in result.citations] == [2, 1]
     assert [s.number for s in result.sources] == [1, 2]
 
@@ -219,6 +220,41 @@ def test_measure_answers_with_and_without_retrieval(tiny_index, tiny_lm):
     assert result["questions"] == 2 and 0 <= result["retrieved_relevant"] <= 1
     for side in ("with_retrieval", "without_retrieval"):
         assert 0 <= result[side]["rougeL_f1"] <= 1 and 0 <= result[side]["exact_match"] <= 1
+
+
+def test_answer_evaluate_and_search_clis(tiny_index, tiny_lm_dir, tmp_path, capsys):
+    """rag.answer, rag.evaluate and rag.search as commands on a saved tiny index: a cited answer, the with/without
+    measurement, the retrieval table, options from a --config file, and one-line errors for a bad --model/--index."""
+    from rag import answer as answer_cli
+    from rag import evaluate as evaluate_cli
+    from rag import search as search_cli
+
+    index_dir = str(tiny_index.save(tmp_path / "ix"))
+    common = ["--index", index_dir, "--model", str(tiny_lm_dir), "--mode", "bm25", "-k", "2", "--max-new-tokens", "6"]
+    result = answer_cli.main([*common, "How do I read rows from a CSV file?", "--json"])
+    assert len(result["sources"]) + result["dropped"] == 2 and result["prompt_tokens"] <= 256 - 6
+    assert json.loads(capsys.readouterr().out)["text"] == result["text"]
+    measured = answer_cli.main([*common, "--measure", "2"])
+    assert measured["questions"] == 2 and set(measured) >= {"with_retrieval", "without_retrieval"}
+    with pytest.raises(SystemExit, match="cannot load --model"):
+        answer_cli.main(["--index", index_dir, "--model", str(tmp_path), "a question"])
+    with pytest.raises(SystemExit, match="cannot load --index"):
+        answer_cli.main(["--index", str(tmp_path / "none"), "--model", str(tiny_lm_dir), "a question"])
+    with pytest.raises(SystemExit, match="give a question"):
+        answer_cli.main(["--index", index_dir, "--model", str(tiny_lm_dir)])
+
+    summary = evaluate_cli.main(["--index", index_dir, "--retrievers", "bm25", "bm25s", "--queries", "10", "--json"])
+    assert set(summary["results"]) == {"bm25", "bm25s"} and 0 < summary["queries"] <= 10
+
+    config = tmp_path / "search.yaml"
+    config.write_text("mode: bm25\ntop_k: 1\n")
+    hits = search_cli.main(["--index", index_dir, "csv reader rows", "--config", str(config)])
+    assert len(hits) == 1
+    doc = hits[0]["doc_id"]
+    source = tiny_index.chunks[hits[0]["chunk_index"]].metadata["source"]
+    filtered = ["--where", f"id={doc}", "--where", f"source={source}", "--mode", "bm25", "-k", "3"]
+    hits = search_cli.main(["--index", index_dir, "csv reader rows", *filtered])
+    assert hits and {h["doc_id"] for h in hits} == {doc}  # both filters hold (repeated --where adds up)
 
 
 # ---- ROUGE-L ----

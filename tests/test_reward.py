@@ -59,7 +59,7 @@ def test_reward_model_learns_held_out_preferences_and_loads_without_tiny_hf(tiny
     data = tmp_path / "prefs.jsonl"
     write_preferences(data)
     out = tmp_path / "reward"
-    extra = ["--lora", "--rank", "8", "--lr", "3e-3"] if lora else ["--lr", "1e-3"]
+    extra = ["--lora", "--rank", "8", "--learning-rate", "3e-3"] if lora else ["--learning-rate", "1e-3"]
     figures = reward.main(
         [
             "--model",
@@ -70,7 +70,7 @@ def test_reward_model_learns_held_out_preferences_and_loads_without_tiny_hf(tiny
             str(out),
             "--max-steps",
             "30",
-            "--batch-size",
+            "--per-device-train-batch-size",
             "8",
             "--warmup-steps",
             "2",
@@ -115,8 +115,8 @@ def test_reward_model_learns_held_out_preferences_and_loads_without_tiny_hf(tiny
 def test_bad_arguments_fail_before_loading(tmp_path):
     with pytest.raises(ValueError, match="--max-steps=0 must be at least 1"):
         reward.main(["--max-steps", "0"])
-    with pytest.raises(ValueError, match="--center-rewards=-1.0"):
-        reward.main(["--center-rewards", "-1"])
+    with pytest.raises(ValueError, match="--center-rewards-coefficient=-1.0"):
+        reward.main(["--center-rewards-coefficient", "-1"])
     with pytest.raises(ValueError, match="neither config.json"):
         reward.main(["--model", str(tmp_path)])
 

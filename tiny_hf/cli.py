@@ -9,8 +9,11 @@ imports nothing above tiny_hf: it is the one place the library knows the stages'
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
+
+from . import __version__
 
 # name -> (module with main(argv), one line for `tiny-hf --help`); grouped by the learning path's phases.
 STAGES: dict[str, tuple[str, str]] = {
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Run `tiny-hf STAGE --help` for a stage's options.",
     )
+    parser.add_argument("--version", action="version", version=f"tiny-hf {__version__}")
     commands = parser.add_subparsers(dest="stage", metavar="STAGE", title="stages")
     for name, (_, summary) in STAGES.items():
         commands.add_parser(name, help=summary, add_help=False)
@@ -95,9 +99,13 @@ def run_bench(argv: list[str]):
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or argv[0] not in STAGES:
-        parser.parse_args(argv or ["--help"])  # prints the help, or the error naming the allowed stages
+    if not argv or argv[0].startswith("-"):
+        parser.parse_args(argv or ["--help"])  # the help, the version, or an error for an unknown option
         return None
+    if argv[0] not in STAGES:
+        close = difflib.get_close_matches(argv[0], STAGES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        parser.error(f"unknown stage {argv[0]!r}{hint}; the stages: {', '.join(STAGES)}")
     stage, rest = argv[0], argv[1:]
     if stage == "bench":
         return run_bench(rest)

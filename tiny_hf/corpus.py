@@ -18,11 +18,12 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 import tokenize
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .system import write_atomic
 
 # Folders of the standard library that hold tests, an IDE or third-party packages rather than library docs.
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__"}  # lib2to3/tests goes with "tests"
@@ -33,9 +34,10 @@ DEFAULT_MAX_BYTES = 4_000_000
 DOC_SEPARATOR = "\n<|endoftext|>\n"
 
 
-def _stable_fraction(doc_id: str) -> float:
-    """A number in [0, 1) fixed by the id alone (Python's hash() is salted per process, so it cannot be used)."""
-    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) fixed by `key` alone: the one way the project samples and splits by hash (held-out
+    documents, subsets), the same in every process (Python's hash() is salted per process, so it cannot be used)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
 @contextmanager
@@ -119,7 +121,7 @@ def build_documents(
     docs = topic_documents() + stdlib_documents(stdlib_dir, include_code)
     if max_bytes is not None:
         kept, total = [], 0
-        for doc in sorted(docs, key=lambda d: (d["source"] == "stdlib_code", _stable_fraction(d["id"]))):
+        for doc in sorted(docs, key=lambda d: (d["source"] == "stdlib_code", stable_fraction(d["id"]))):
             size = len(doc["text"].encode())
             if total + size <= max_bytes:
                 kept.append(doc)
@@ -132,21 +134,9 @@ def split_documents(docs: list[dict], val_fraction: float = 0.05) -> tuple[list[
     """Split by document into (train, validation); the side depends on the id alone, so it never moves."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} is not in [0, 1)")
-    train = [d for d in docs if _stable_fraction(d["id"]) >= val_fraction]
-    validation = [d for d in docs if _stable_fraction(d["id"]) < val_fraction]
+    train = [d for d in docs if stable_fraction(d["id"]) >= val_fraction]
+    validation = [d for d in docs if stable_fraction(d["id"]) < val_fraction]
     return train, validation
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # A crash mid-write leaves the old file (or none), never half of one: readers see complete files only.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_corpus(
@@ -175,10 +165,10 @@ def write_corpus(
     meta = {"python": sys.version.split()[0], "include_code": include_code, "val_fraction": val_fraction}
     for name, split in splits.items():
         lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in split)
-        _write_atomic(out / f"{name}.jsonl", lines)
-        _write_atomic(out / f"{name}.txt", DOC_SEPARATOR.join(d["text"] for d in split) + "\n")
+        write_atomic(out / f"{name}.jsonl", lines)
+        write_atomic(out / f"{name}.txt", DOC_SEPARATOR.join(d["text"] for d in split) + "\n")
         meta[name] = {"documents": len(split), "bytes": sum(len(d["text"].encode()) for d in split)}
-    _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
 

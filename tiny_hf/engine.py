@@ -397,36 +397,8 @@ class Engine:
         compile: bool = False,
     ):
         config = model.config
-        if not self.supports(model):
-            raise TypeError(
-                f"the engine runs TinyForCausalLM-style models (model.model needs {list(ENGINE_MODULES)} and the "
-                f"model an lm_head; {type(model).__name__} lacks them): use model.generate() for this one"
-            )
-        if window_policy not in WINDOW_POLICIES:
-            raise ValueError(f"window_policy={window_policy!r} is not one of {list(WINDOW_POLICIES)}")
+        max_seq_len = self._check_arguments(model, window_policy, max_seq_len, max_batch_size, token_budget, max_queue)
         self.sliding_window = getattr(config, "sliding_window", None)
-        if window_policy == "sliding":
-            if not self.sliding_window:
-                raise ValueError("window_policy='sliding' needs a model configured with a sliding_window")
-            if config.position_embedding in ("learned", "sinusoidal"):
-                raise ValueError("window_policy='sliding' needs relative positions (rope, alibi or none)")
-        max_seq_len = max_seq_len or config.max_position_embeddings
-        if config.position_embedding in ("learned", "sinusoidal") and max_seq_len > config.max_position_embeddings:
-            raise ValueError(
-                f"max_seq_len={max_seq_len} is beyond the {config.position_embedding!r} position table "
-                f"({config.max_position_embeddings} positions)"
-            )
-        if window_policy == "sliding" and max_seq_len < self.sliding_window + 16:
-            raise ValueError(f"max_seq_len={max_seq_len} must exceed sliding_window={self.sliding_window} by >= 16")
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("token_budget", token_budget),
-            ("max_queue", max_queue),
-            ("max_seq_len", max_seq_len),
-        ):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.max_batch_size, self.max_seq_len, self.max_queue = max_batch_size, max_seq_len, max_queue
@@ -449,6 +421,62 @@ class Engine:
         self.eos_ids = {eos if eos is not None else config.eos_token_id} - {None}
         self.slopes = getattr(model.model, "alibi_slopes", None)
         self.dynamic_rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None) == "dynamic"
+        self._set_decode_mode(cuda_graphs, static_decode, compile)
+
+        self.waiting: deque[_Request] = deque()
+        self.prefilling: list[_Request] = []  # admitted, prompt not fully computed; in arrival order
+        self.decoding: list[_Request] = []  # decoding[i].slot == i: the batch is the contiguous rows [0, n)
+        self.slot_owner: list[_Request | None] = [None] * max_batch_size
+        self.requests: dict[str, _Request] = {}
+        self._aborted: set[str] = set()
+        self._ids = itertools.count()
+        self.stats = {
+            "requests": 0,
+            "finished": 0,
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "generated_tokens": 0,
+            "steps": 0,
+        }
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step, for tokens/s
+
+    @classmethod
+    def _check_arguments(cls, model, window_policy, max_seq_len, max_batch_size, token_budget, max_queue) -> int:
+        """Refuse a model or settings the engine cannot serve, before anything is allocated; returns the window."""
+        config = model.config
+        if not cls.supports(model):
+            raise TypeError(
+                f"the engine runs TinyForCausalLM-style models (model.model needs {list(ENGINE_MODULES)} and the "
+                f"model an lm_head; {type(model).__name__} lacks them): use model.generate() for this one"
+            )
+        if window_policy not in WINDOW_POLICIES:
+            raise ValueError(f"window_policy={window_policy!r} is not one of {list(WINDOW_POLICIES)}")
+        sliding_window = getattr(config, "sliding_window", None)
+        if window_policy == "sliding":
+            if not sliding_window:
+                raise ValueError("window_policy='sliding' needs a model configured with a sliding_window")
+            if config.position_embedding in ("learned", "sinusoidal"):
+                raise ValueError("window_policy='sliding' needs relative positions (rope, alibi or none)")
+        max_seq_len = max_seq_len or config.max_position_embeddings
+        if config.position_embedding in ("learned", "sinusoidal") and max_seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} is beyond the {config.position_embedding!r} position table "
+                f"({config.max_position_embeddings} positions)"
+            )
+        if window_policy == "sliding" and max_seq_len < sliding_window + 16:
+            raise ValueError(f"max_seq_len={max_seq_len} must exceed sliding_window={sliding_window} by >= 16")
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("token_budget", token_budget),
+            ("max_queue", max_queue),
+            ("max_seq_len", max_seq_len),
+        ):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        return max_seq_len
+
+    def _set_decode_mode(self, cuda_graphs: bool | None, static_decode: bool, compile: bool) -> None:
+        """The decode step: eager, static (fixed shapes), CUDA-graphed or compiled, as the device and model allow."""
         # Decode with fixed shapes (batch padded to a power of two, keys over the whole window) so that each step is
         # one CUDA-graph replay: on a GPU the Python and launch overhead of ~100 small kernels per token is what
         # limits batch-1 speed (FACTS: 13.6 ms eager vs 1.3 ms graphed per token for GPT-2 small).
@@ -471,23 +499,6 @@ class Engine:
             # dynamic=False: one graph per padded batch size, the shapes the static step already fixes.
             options = {"cpp_wrapper": True} if not on_gpu else None
             self._static_forward = torch.compile(self._static_forward, dynamic=False, options=options)
-
-        self.waiting: deque[_Request] = deque()
-        self.prefilling: list[_Request] = []  # admitted, prompt not fully computed; in arrival order
-        self.decoding: list[_Request] = []  # decoding[i].slot == i: the batch is the contiguous rows [0, n)
-        self.slot_owner: list[_Request | None] = [None] * max_batch_size
-        self.requests: dict[str, _Request] = {}
-        self._aborted: set[str] = set()
-        self._ids = itertools.count()
-        self.stats = {
-            "requests": 0,
-            "finished": 0,
-            "prompt_tokens": 0,
-            "cached_prompt_tokens": 0,
-            "generated_tokens": 0,
-            "steps": 0,
-        }
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step, for tokens/s
 
     @classmethod
     def from_pretrained(

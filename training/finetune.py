@@ -1,28 +1,32 @@
-"""LoRA and QLoRA fine-tuning with PEFT: `python training/finetune.py --model runs/demo --out runs/lora-demo`.
+"""LoRA and QLoRA fine-tuning with PEFT: `tiny-hf lora --model runs/demo --out runs/lora`.
 
 LoRA (Hu et al. 2021) freezes the pretrained weights and trains a low-rank update B A beside chosen linear layers;
 QLoRA (Dettmers et al. 2023) does the same over a base quantized to 4-bit NF4 with bitsandbytes. What happens:
 1. Model: --model is a pretraining run folder (model/ + run_config.json), a model folder or a Hub id: our models or
    any causal LM (--task causal-lm) or sequence classifier (--task seq-cls) that transformers loads. --qlora loads
    it in 4-bit NF4 with float32 compute and runs `prepare_model_for_kbit_training`.
-2. LoRA: --target-modules auto picks the layers per architecture (TARGET_MODULES, keyed by `config.model_type`;
+2. LoRA: PEFT's `LoraConfig` fields by their own names (--r, --lora-alpha, --lora-dropout, --target-modules);
+   --target-modules auto picks the layers per architecture (TARGET_MODULES, keyed by `config.model_type`;
    otherwise every linear layer but the head); a classification head is trained in full (`modules_to_save`).
 3. Data: causal LM: packed blocks from training/data.py (a run folder's own data, block size and split unless
    --data/--block-size say otherwise); seq-cls: 'sentiment' (short synthetic reviews built here, deterministic) or
    a .jsonl/.csv file with "text" and "label" columns.
-4. Training: transformers' Trainer. Before and after it: validation loss, perplexity and bits per byte
-   (training/evaluation.py, the run's own validation blocks for a run folder), or accuracy for seq-cls.
+4. Training: transformers' Trainer; every `TrainingArguments` field is an option (--learning-rate,
+   --per-device-train-batch-size, --max-steps, --use-cpu, ...; TRAINER_DEFAULTS holds where ours differ). Before and
+   after it: validation loss, perplexity and bits per byte (training/evaluation.py, the run's own validation blocks
+   for a run folder), or accuracy for seq-cls.
 5. Output in --out: adapter/ (reloaded with `PeftModel.from_pretrained` to check it gives the same logits),
    merged/ with --merge (`merge_and_unload` into a full-precision base: a plain model folder), summary.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -35,6 +39,7 @@ from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
     DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -43,6 +48,7 @@ from transformers.pytorch_utils import Conv1D
 
 import tiny_hf  # registers the Auto classes
 from tiny_hf.lora import find_linear
+from tiny_hf.options import parse_options
 from tiny_hf.quantization import bnb_cpu_blocks
 from tiny_hf.runs import resolve_model
 from training.data import build_datasets, token_byte_lengths
@@ -92,60 +98,72 @@ NEGATIVE = ["terrible", "awful", "boring", "dreadful", "poor", "disappointing", 
 TEMPLATES = ["{s} was {a}.", "I found {s} {a}.", "Honestly, {s} is {a}.", "Everyone said {s} felt {a}."]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="runs/demo", help="a run folder, a model folder or a Hub id")
-    model.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
-    model.add_argument("--task", default="causal-lm", help=f"one of {list(TASKS)}")
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--rank", type=int, default=8, help="r, the rank of the update B A")
-    lora.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
-    lora.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA path's input")
-    lora.add_argument("--target-modules", default="auto", help="'auto' or comma-separated names: q_proj,v_proj")
-    lora.add_argument("--qlora", action="store_true", help="quantize the base to 4-bit NF4 (bitsandbytes)")
-    lora.add_argument("--merge", action="store_true", help="also export the merged model to --out/merged")
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
+# The project's defaults for transformers' TrainingArguments, where they differ from the library's: the one place.
+TRAINER_DEFAULTS = {
+    "max_steps": 100,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-3,  # LoRA's few parameters take a rate ~10x a full fine-tune's
+    "warmup_steps": 10,
+    "lr_scheduler_type": "cosine",
+    "logging_steps": 10,
+    "save_strategy": "no",  # the adapter is saved once, at the end
+    "report_to": "none",
+    "seed": 0,
+    "remove_unused_columns": False,  # packed blocks and padded batches hold exactly the model's inputs
+    "output_dir": "",  # empty: --out (transformers would make ./trainer_output)
+}
+
+
+@dataclass
+class LoraOptions:
+    """Ours, beside `TrainingArguments`: the model, LoRA (PEFT `LoraConfig`'s field names), the data and the output."""
+
+    model: str = field(default="runs/demo", metadata={"help": "a run folder, a model folder or a Hub id"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or Hub id (default: the model's)"})
+    task: str = field(default="causal-lm", metadata={"help": f"one of {list(TASKS)}"})
+    r: int = field(default=8, metadata={"help": "LoraConfig.r: the rank of the update B A"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "the update is scaled by lora_alpha / r"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path's input"})
+    target_modules: str = field(default="auto", metadata={"help": "'auto' or comma-separated names: q_proj,v_proj"})
+    qlora: bool = field(default=False, metadata={"help": "quantize the base to 4-bit NF4 (bitsandbytes)"})
+    merge: bool = field(default=False, metadata={"help": "also export the merged model to --out/merged"})
+    data: str | None = field(
         default=None,
-        help="causal-lm: a data spec (default: the run's, else 'embedded'); "
-        "seq-cls: 'sentiment' (default) or a .jsonl/.csv with text,label",
+        metadata={
+            "help": "causal-lm: a data spec (default: the run's, else 'embedded'); "
+            "seq-cls: 'sentiment' (default) or a .jsonl/.csv with text,label"
+        },
     )
-    data.add_argument("--block-size", type=int, default=None, help="causal-lm (default: the run's, else 128)")
-    data.add_argument("--max-length", type=int, default=64, help="seq-cls: tokens per example")
-    data.add_argument("--val-fraction", type=float, default=None, help="default: the run's, else 0.05")
-    data.add_argument("--cache-dir", type=Path, default=None, help="default: the run's, else data/")
-    data.add_argument("--eval-blocks", type=int, default=64, help="causal-lm validation blocks (0 = all)")
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument("--max-steps", type=int, default=100)
-    optim.add_argument("--batch-size", type=int, default=8)
-    optim.add_argument("--lr", type=float, default=1e-3)
-    optim.add_argument("--warmup-steps", type=int, default=10)
-    optim.add_argument("--weight-decay", type=float, default=0.0)
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, default=Path("runs/lora"))
-    output.add_argument("--log-every", type=int, default=10)
-    output.add_argument("--no-progress", action="store_true")
-    system = parser.add_argument_group("system")
-    system.add_argument("--seed", type=int, default=0)
-    system.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
-    return parser.parse_args(argv)
+    block_size: int | None = field(default=None, metadata={"help": "causal-lm (default: the run's, else 128)"})
+    max_length: int = field(default=64, metadata={"help": "seq-cls: tokens per example"})
+    val_fraction: float | None = field(default=None, metadata={"help": "default: the run's, else 0.05"})
+    cache_dir: Path | None = field(default=None, metadata={"help": "default: the run's, else data/"})
+    eval_blocks: int = field(default=64, metadata={"help": "causal-lm validation blocks (0 = all)"})
+    out: Path = field(default=Path("runs/lora"), metadata={"help": "adapter/, merged/ and summary.json go here"})
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Bad values fail here, before any model is loaded."""
-    if args.task not in TASKS:
-        raise ValueError(f"--task={args.task!r} is not one of {list(TASKS)}")
-    if args.rank <= 0:
-        raise ValueError(f"--rank={args.rank} must be a positive integer")
-    if args.alpha <= 0:
-        raise ValueError(f"--alpha={args.alpha} must be positive")
-    if not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout={args.dropout} is not in [0, 1)")
-    for name in ("max_steps", "batch_size", "max_length", "log_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+def parse_args(argv: list[str] | None = None) -> tuple[LoraOptions, TrainingArguments]:
+    """Our options and the Trainer's. The Trainer's output_dir is --out unless --output-dir is given (with
+    save_strategy 'no' it writes nothing there)."""
+    training, options = parse_options(
+        TrainingArguments, LoraOptions, argv=argv, description=__doc__, defaults=TRAINER_DEFAULTS
+    )
+    training.output_dir = training.output_dir or str(options.out)
+    return options, training
+
+
+def check_options(options: LoraOptions) -> None:
+    """Bad values fail here, before any model is loaded (TrainingArguments checks its own)."""
+    if options.task not in TASKS:
+        raise ValueError(f"--task={options.task!r} is not one of {list(TASKS)}")
+    if options.r <= 0:
+        raise ValueError(f"--r={options.r} must be a positive integer")
+    if options.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha={options.lora_alpha} must be positive")
+    if not 0.0 <= options.lora_dropout < 1.0:
+        raise ValueError(f"--lora-dropout={options.lora_dropout} is not in [0, 1)")
+    if options.max_length < 1:
+        raise ValueError(f"--max-length={options.max_length} must be at least 1")
 
 
 # --- model -----------------------------------------------------------------------------------------------------------
@@ -304,25 +322,25 @@ def lm_collate(rows: list[dict]) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def lm_task(args: argparse.Namespace, run_dir: Path | None, tokenizer) -> tuple:
+def lm_task(options: LoraOptions, run_dir: Path | None, tokenizer, seed: int) -> tuple:
     """Causal LM: packed train blocks, and validation loss/perplexity/bits per byte on the run's own validation
     blocks (`validation_set`) for a run folder, else on --data's held-out documents."""
     run = json.loads((run_dir / "run_config.json").read_text()) if run_dir else {}
-    block_size = args.block_size or run.get("block_size", 128)
-    val_fraction = args.val_fraction if args.val_fraction is not None else run.get("val_fraction", 0.05)
-    data = args.data or run.get("data", "embedded")
+    block_size = options.block_size or run.get("block_size", 128)
+    val_fraction = options.val_fraction if options.val_fraction is not None else run.get("val_fraction", 0.05)
+    data = options.data or run.get("data", "embedded")
     train_ds, val_ds = build_datasets(
         data,
         tokenizer,
         block_size,
-        seed=args.seed,
+        seed=seed,
         val_fraction=val_fraction,
-        cache_dir=args.cache_dir or run.get("cache_dir", "data"),
+        cache_dir=options.cache_dir or run.get("cache_dir", "data"),
     )
     if run_dir:  # the very blocks pretraining was evaluated on
-        val_blocks, byte_lengths = validation_set(run_dir, tokenizer, max_blocks=args.eval_blocks)
+        val_blocks, byte_lengths = validation_set(run_dir, tokenizer, max_blocks=options.eval_blocks)
     else:
-        val_blocks = torch.tensor(val_ds["input_ids"], dtype=torch.long)[: args.eval_blocks or None]
+        val_blocks = torch.tensor(val_ds["input_ids"], dtype=torch.long)[: options.eval_blocks or None]
         byte_lengths = torch.tensor(token_byte_lengths(tokenizer), dtype=torch.long)
     if len(val_blocks) == 0:
         raise ValueError(f"--data {data!r} gives no validation blocks of {block_size} tokens: raise --val-fraction")
@@ -333,118 +351,141 @@ def lm_task(args: argparse.Namespace, run_dir: Path | None, tokenizer) -> tuple:
     return data, train_ds.select_columns(["input_ids"]), lm_collate, {"input_ids": val_blocks[:2]}, measure
 
 
-def classification_task(args: argparse.Namespace, labelled: datasets.DatasetDict, tokenizer) -> tuple:
+def classification_task(options: LoraOptions, labelled: datasets.DatasetDict, tokenizer) -> tuple:
     """Sequence classification: tokenized train examples padded per batch, and validation accuracy."""
     texts, labels = labelled["validation"]["text"], labelled["validation"]["label"]
 
     def encode(batch: dict) -> dict:
-        return tokenizer(batch["text"], truncation=True, max_length=args.max_length)
+        return tokenizer(batch["text"], truncation=True, max_length=options.max_length)
 
     train_ds = labelled["train"].map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
     probe = dict(tokenizer(texts[:4], padding=True, return_tensors="pt"))
 
     def measure(model) -> dict:
-        return {"accuracy": accuracy(model, tokenizer, texts, labels, args.max_length)}
+        return {"accuracy": accuracy(model, tokenizer, texts, labels, options.max_length)}
 
-    return args.data or "sentiment", train_ds, DataCollatorWithPadding(tokenizer), probe, measure
+    return options.data or "sentiment", train_ds, DataCollatorWithPadding(tokenizer), probe, measure
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    check_args(args)
-    started = time.perf_counter()
-    set_seed(args.seed)
+@dataclass
+class Setup:
+    """What the run works on: the tokenizer, the base model, how to load it again, its targets and its task."""
+
+    tokenizer: PreTrainedTokenizerBase
+    base: torch.nn.Module
+    load_base: Callable[[bool], torch.nn.Module]  # (qlora) -> a fresh base model, for reloading the adapter
+    targets: list[str]
+    data: str
+    train_ds: datasets.Dataset
+    collator: Callable[[list[dict]], dict]
+    probe: dict  # a batch for logit comparisons
+    measure: Callable[[torch.nn.Module], dict]  # taken before and after training
+
+
+def setup(options: LoraOptions, seed: int) -> Setup:
+    """Tokenizer, base model and LoRA targets (bad targets and unquantizable models fail before data is built), then
+    the data and the measure."""
     try:
-        source, folders = resolve_model(args.model)
+        source, folders = resolve_model(options.model)
     except FileNotFoundError as error:
-        raise ValueError(f"--model {args.model}: {error}") from None
+        raise ValueError(f"--model {options.model}: {error}") from None
     run_dir = next((folder for folder in folders if (folder / "run_config.json").is_file()), None)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or source)
+    tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or source)
     if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padding only ever pads seq-cls batches
         tokenizer.pad_token = tokenizer.eos_token
-
-    # 1. The base model and the layers to adapt: bad targets and unquantizable models fail before data is built.
-    labelled = classification_dataset(args.data or "sentiment", args.seed) if args.task == "seq-cls" else None
+    labelled = classification_dataset(options.data or "sentiment", seed) if options.task == "seq-cls" else None
     num_labels = len(set(labelled["train"]["label"])) if labelled else None
 
     def load_base(qlora: bool):
-        return load_model(source, args.task, qlora=qlora, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+        return load_model(
+            source, options.task, qlora=qlora, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id
+        )
 
-    base = load_base(args.qlora)
-    targets = choose_targets(base, args.target_modules)
-    if args.qlora:
+    base = load_base(options.qlora)
+    targets = choose_targets(base, options.target_modules)
+    if options.qlora:
         check_quantized_targets(base, targets)
-
-    # 2. Data, the measure taken before and after training, and a probe batch for logit comparisons.
     if labelled is None:
-        data, train_ds, collator, probe, measure = lm_task(args, run_dir, tokenizer)
+        task = lm_task(options, run_dir, tokenizer, seed)
     else:
-        data, train_ds, collator, probe, measure = classification_task(args, labelled, tokenizer)
+        task = classification_task(options, labelled, tokenizer)
+    return Setup(tokenizer, base, load_base, targets, *task)
 
-    @torch.no_grad()
-    def logits(model) -> torch.Tensor:
-        model.eval()
-        return model(**probe).logits.float()
 
-    # 3. LoRA on the chosen layers.
-    before = measure(base)
+def add_lora(options: LoraOptions, base: torch.nn.Module, targets: list[str]):
+    """PEFT's LoRA on `targets`; a new head PEFT does not know to train (EXTRA_HEADS) is trained in full."""
     extra_heads = [head for head in EXTRA_HEADS if any(name.endswith(head) for name, _ in base.named_modules())]
     lora_config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        lora_dropout=args.dropout,
+        r=options.r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
         target_modules=targets,
-        task_type=TASKS[args.task][1],
+        task_type=TASKS[options.task][1],
         modules_to_save=extra_heads or None,
     )
-    model = get_peft_model(base, lora_config)
+    return get_peft_model(base, lora_config)
+
+
+@torch.no_grad()
+def probe_logits(model, probe: dict) -> torch.Tensor:
+    model.eval()
+    return model(**probe).logits.float()
+
+
+def save_and_check(options: LoraOptions, run: Setup, model) -> dict:
+    """Save the adapter, reload it onto a fresh base and, with --merge, export the merged model: how far each one's
+    logits are from the trained model's."""
+    adapter_dir = options.out / "adapter"
+    model.save_pretrained(adapter_dir)
+    run.tokenizer.save_pretrained(adapter_dir)
+    trained = probe_logits(model, run.probe)
+    reloaded = PeftModel.from_pretrained(run.load_base(options.qlora), adapter_dir)
+    saved = {
+        "adapter_dir": str(adapter_dir),
+        "reload_max_abs_diff": (probe_logits(reloaded, run.probe) - trained).abs().max().item(),
+    }
+    if options.merge:  # into a float32 base: with --qlora the merged model is the adapter over the unquantized weights
+        merged = PeftModel.from_pretrained(run.load_base(False), adapter_dir).merge_and_unload()
+        merged_dir = options.out / "merged"
+        tiny_hf.save_model(merged, run.tokenizer, merged_dir)
+        saved.update(
+            merged_dir=str(merged_dir),
+            merged=run.measure(merged),
+            merge_max_abs_diff=(probe_logits(merged, run.probe) - trained).abs().max().item(),
+        )
+    return saved
+
+
+def main(argv: list[str] | None = None) -> dict:
+    options, training = parse_args(argv)
+    check_options(options)
+    started = time.perf_counter()
+    set_seed(training.seed)
+    run = setup(options, training.seed)
+    before = run.measure(run.base)
+    model = add_lora(options, run.base, run.targets)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-    print(f"{args.task} on {args.model}: LoRA r={args.rank} alpha={args.alpha} on {targets}, before: {before}")
+    print(f"{options.task} on {options.model}: LoRA r={options.r} alpha={options.lora_alpha} on {run.targets}")
+    print(f"before: {before}")
 
-    # 4. Train.
-    training_args = TrainingArguments(
-        output_dir=str(args.out),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="cosine",
-        weight_decay=args.weight_decay,
-        logging_steps=args.log_every,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=args.cpu or not torch.cuda.is_available(),
-        bf16=False,
-        seed=args.seed,
-        data_seed=args.seed,
-        disable_tqdm=args.no_progress,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, data_collator=collator)
+    trainer = Trainer(model=model, args=training, train_dataset=run.train_ds, data_collator=run.collator)
     trainer.train()
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
-    after = measure(model)
+    after = run.measure(model)
     print(f"after: {after}")
 
-    # 5. Save the adapter, reload it onto a fresh base, and optionally export the merged model.
-    adapter_dir = args.out / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    reloaded = PeftModel.from_pretrained(load_base(args.qlora), adapter_dir)
-    trained_logits = logits(model)
     summary = {
-        "model": args.model,
-        "task": args.task,
-        "data": data,
-        "qlora": args.qlora,
-        "target_modules": targets,
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "dropout": args.dropout,
-        "max_steps": args.max_steps,
+        "model": options.model,
+        "task": options.task,
+        "data": run.data,
+        "qlora": options.qlora,
+        "target_modules": run.targets,
+        "r": options.r,
+        "lora_alpha": options.lora_alpha,
+        "lora_dropout": options.lora_dropout,
+        "max_steps": training.max_steps,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_percent": 100 * trainable / total,
@@ -452,21 +493,11 @@ def main(argv=None) -> dict:
         "train_loss_last": losses[-1] if losses else None,
         "before": before,
         "after": after,
-        "adapter_dir": str(adapter_dir),
-        "reload_max_abs_diff": (logits(reloaded) - trained_logits).abs().max().item(),
+        **save_and_check(options, run, model),
+        "wall_time_s": time.perf_counter() - started,
     }
-    if args.merge:  # into a float32 base: with --qlora the merged model is the adapter over the unquantized weights
-        merged = PeftModel.from_pretrained(load_base(False), adapter_dir).merge_and_unload()
-        merged_dir = args.out / "merged"
-        tiny_hf.save_model(merged, tokenizer, merged_dir)
-        summary.update(
-            merged_dir=str(merged_dir),
-            merged=measure(merged),
-            merge_max_abs_diff=(logits(merged) - trained_logits).abs().max().item(),
-        )
-    summary["wall_time_s"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({key: summary[key] for key in ("before", "after", "merged") if key in summary}))
     return summary
 

@@ -1,7 +1,7 @@
 """Long context: how far past its training length does a model still work, under which position scheme?
 
-    python training/long_context.py --model runs/demo --results bench/results
-    python training/long_context.py --model runs/demo --factor 4 --finetune-steps 100 --alibi-model runs/demo-alibi
+    tiny-hf long-context --model runs/demo --results bench/results
+    tiny-hf long-context --model runs/demo --factor 4 --finetune-steps 100 --alibi-model runs/demo-alibi
 
 A RoPE model trained on `--trained-length` tokens (default: the run's block size) is run at up to `--factor` times
 that, with its weights unchanged and the rotary frequencies scaled at load time (`rope_parameters`):
@@ -21,19 +21,20 @@ Writes `<out>/long_context.{md,json}`, `long_context_ppl.png` and `long_context_
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import tiny_hf  # noqa: F401 (registers the Auto classes)
+from tiny_hf.options import parse_options
 from tiny_hf.results import write_results
 from tiny_hf.runs import resolve_model
 from training.adapt import train_on_blocks
@@ -45,27 +46,28 @@ INSTRUCTION = "There is an important number hidden in a lot of irrelevant text. 
 QUESTION = "What is the pass key? The pass key is"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_argument_group("model")
-    source.add_argument("--model", default="runs/demo", help="a pretraining run folder of a RoPE model")
-    source.add_argument("--trained-length", type=int, default=None, help="default: the run's block size")
-    source.add_argument("--factor", type=float, default=4.0, help="longest context = factor x trained length")
-    source.add_argument("--variants", default=",".join(SCALINGS), help=f"from {list(SCALINGS)}")
-    source.add_argument("--finetune-steps", type=int, default=50, help="PI fine-tune steps (0: skip that variant)")
-    source.add_argument("--finetune-lr", type=float, default=3e-4)
-    source.add_argument("--alibi-model", default=None, help="a run folder of an ALiBi model trained like --model")
-    measure = parser.add_argument_group("measurements")
-    measure.add_argument("--eval-blocks", type=int, default=16, help="validation sequences of the longest length")
-    measure.add_argument("--buckets", type=int, default=8, help="position buckets for the perplexity curve")
-    measure.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey depths (0 = right after the intro)")
-    measure.add_argument("--lengths", default="0.5,1,2,4", help="passkey lengths, in multiples of trained length")
-    measure.add_argument("--trials", type=int, default=4, help="passkeys per (length, depth) cell")
-    measure.add_argument("--seed", type=int, default=0)
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=None, help="default: <model>/long_context")
-    out.add_argument("--results", type=Path, default=None, help="also write the report here (bench/results)")
-    return parser.parse_args(argv)
+@dataclass
+class LongContextOptions:
+    # model
+    model: str = field(default="runs/demo", metadata={"help": "a pretraining run folder of a RoPE model"})
+    trained_length: int | None = field(default=None, metadata={"help": "default: the run's block size"})
+    factor: float = field(default=4.0, metadata={"help": "longest context = factor x trained length"})
+    variants: str = field(default=",".join(SCALINGS), metadata={"help": f"from {list(SCALINGS)}"})
+    finetune_steps: int = field(default=50, metadata={"help": "PI fine-tune steps (0: skip that variant)"})
+    finetune_lr: float = field(default=3e-4)
+    alibi_model: str | None = field(
+        default=None, metadata={"help": "a run folder of an ALiBi model trained like --model"}
+    )
+    # measurements
+    eval_blocks: int = field(default=16, metadata={"help": "validation sequences of the longest length"})
+    buckets: int = field(default=8, metadata={"help": "position buckets for the perplexity curve"})
+    depths: str = field(default="0,0.25,0.5,0.75,1", metadata={"help": "passkey depths (0 = right after the intro)"})
+    lengths: str = field(default="0.5,1,2,4", metadata={"help": "passkey lengths, in multiples of trained length"})
+    trials: int = field(default=4, metadata={"help": "passkeys per (length, depth) cell"})
+    seed: int = field(default=0)
+    # output
+    out: Path | None = field(default=None, metadata={"help": "default: <model>/long_context"})
+    results: Path | None = field(default=None, metadata={"help": "also write the report here (bench/results)"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,80 +231,118 @@ def table(figures: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    model_dir, folders = resolve_model(args.model)
+@dataclass
+class Bench:
+    """What every variant is measured on: the model folder, its run, the lengths and the validation blocks."""
+
+    model_dir: str
+    run_dir: Path
+    names: list[str]  # the --variants
+    trained: int
+    longest: int
+    lengths: list[int]  # passkey prompt lengths
+    depths: list[float]
+    tokenizer: PreTrainedTokenizerBase
+    train_blocks: torch.Tensor  # (N, longest): the Position Interpolation fine-tune
+    blocks: torch.Tensor  # (eval_blocks, longest): perplexity by position
+
+
+def load_bench(options: LongContextOptions) -> Bench:
+    """Resolve the run and build the long blocks; bad variants, factors and non-RoPE models fail before measuring."""
+    model_dir, folders = resolve_model(options.model)
     run_dir = next((f for f in folders if (f / "run_config.json").is_file()), None)
     if run_dir is None:
-        raise FileNotFoundError(f"--model {args.model} is not a pretraining run folder: it has no run_config.json")
+        raise FileNotFoundError(f"--model {options.model} is not a pretraining run folder: it has no run_config.json")
     run = json.loads((run_dir / "run_config.json").read_text())
-    trained = args.trained_length or run["block_size"]
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    trained = options.trained_length or run["block_size"]
+    names = [v.strip() for v in options.variants.split(",") if v.strip()]
     if unknown := [v for v in names if v not in SCALINGS]:
-        raise ValueError(f"--variants {args.variants!r}: {unknown}; choose from {list(SCALINGS)}")
-    depths = [float(d) for d in args.depths.split(",")]
-    for name in names:  # bad factors and non-RoPE models fail before any measuring
-        scaled_config(model_dir, name, args.factor, trained)
-    longest = math.ceil(args.factor * trained)
-    lengths = [max(16, round(float(x) * trained)) for x in args.lengths.split(",")]
+        raise ValueError(f"--variants {options.variants!r}: {unknown}; choose from {list(SCALINGS)}")
+    for name in names:
+        scaled_config(model_dir, name, options.factor, trained)
+    longest = math.ceil(options.factor * trained)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data_args = dict(
         seed=run.get("seed", 0), val_fraction=run.get("val_fraction", 0.05), cache_dir=run.get("cache_dir", "data")
     )
     train_long, val_long = build_datasets(run["data"], tokenizer, longest, **data_args)
-    blocks = torch.tensor(val_long["input_ids"][: args.eval_blocks], dtype=torch.long)
+    blocks = torch.tensor(val_long["input_ids"][: options.eval_blocks], dtype=torch.long)
     if len(blocks) == 0:
         raise ValueError(f"the run's validation split has no sequence of {longest} tokens: lower --factor")
+    return Bench(
+        model_dir=model_dir,
+        run_dir=run_dir,
+        names=names,
+        trained=trained,
+        longest=longest,
+        lengths=[max(16, round(float(x) * trained)) for x in options.lengths.split(",")],
+        depths=[float(d) for d in options.depths.split(",")],
+        tokenizer=tokenizer,
+        train_blocks=torch.tensor(train_long["input_ids"], dtype=torch.long),
+        blocks=blocks,
+    )
 
-    def measure(model) -> dict:
-        grid = passkey_accuracy(model, tokenizer, lengths, depths, args.trials, args.seed)
-        within = [v for length, row in zip(lengths, grid, strict=True) if length <= trained for v in row]
-        beyond = [v for length, row in zip(lengths, grid, strict=True) if length > trained for v in row]
-        return {
-            "loss_by_position": loss_by_position(model, blocks, args.buckets),
-            "passkey": grid,
-            "passkey_within": sum(within) / max(len(within), 1),
-            "passkey_beyond": sum(beyond) / max(len(beyond), 1),
-        }
 
-    figures = {
-        "model": args.model,
-        "trained_length": trained,
-        "factor": args.factor,
-        "longest": longest,
-        "buckets": args.buckets,
-        "eval_blocks": len(blocks),
-        "passkey_lengths": lengths,
-        "depths": depths,
-        "trials": args.trials,
-        "variants": {},
+def measure(options: LongContextOptions, bench: Bench, model) -> dict:
+    """Perplexity by position and the passkey grid, with its accuracy inside and beyond the trained length."""
+    grid = passkey_accuracy(model, bench.tokenizer, bench.lengths, bench.depths, options.trials, options.seed)
+    rows = list(zip(bench.lengths, grid, strict=True))
+    within = [v for length, row in rows if length <= bench.trained for v in row]
+    beyond = [v for length, row in rows if length > bench.trained for v in row]
+    return {
+        "loss_by_position": loss_by_position(model, bench.blocks, options.buckets),
+        "passkey": grid,
+        "passkey_within": sum(within) / max(len(within), 1),
+        "passkey_beyond": sum(beyond) / max(len(beyond), 1),
     }
-    for name in names:
+
+
+def measure_variants(options: LongContextOptions, bench: Bench) -> dict:
+    """Every --variants scaling, then Position Interpolation fine-tuned and the ALiBi model when asked for."""
+    variants = {}
+    for name in bench.names:
         print(f"measuring {name} ...")
-        figures["variants"][name] = measure(load_variant(model_dir, name, args.factor, trained))
-    if args.finetune_steps > 0:
-        model = load_variant(model_dir, "linear", args.factor, trained)
-        train_blocks = torch.tensor(train_long["input_ids"], dtype=torch.long)
-        losses = train_on_blocks(model, train_blocks, steps=args.finetune_steps, lr=args.finetune_lr, seed=args.seed)
+        variants[name] = measure(options, bench, load_variant(bench.model_dir, name, options.factor, bench.trained))
+    if options.finetune_steps > 0:
+        model = load_variant(bench.model_dir, "linear", options.factor, bench.trained)
+        losses = train_on_blocks(
+            model, bench.train_blocks, steps=options.finetune_steps, lr=options.finetune_lr, seed=options.seed
+        )
         model.eval()
-        figures["variants"]["linear+finetune"] = {**measure(model), "finetune_losses": losses}
-    if args.alibi_model:
-        alibi_dir, _ = resolve_model(args.alibi_model)
+        variants["linear+finetune"] = {**measure(options, bench, model), "finetune_losses": losses}
+    if options.alibi_model:
+        alibi_dir, _ = resolve_model(options.alibi_model)
         alibi = AutoModelForCausalLM.from_pretrained(alibi_dir, dtype=torch.float32).eval()
         if alibi.config.position_embedding != "alibi":
-            raise ValueError(f"--alibi-model {args.alibi_model} uses {alibi.config.position_embedding!r}, not alibi")
-        figures["variants"]["alibi"] = measure(alibi)
+            raise ValueError(
+                f"--alibi-model {options.alibi_model} uses {alibi.config.position_embedding!r}, not alibi"
+            )
+        variants["alibi"] = measure(options, bench, alibi)
+    return variants
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (options,) = parse_options(LongContextOptions, argv=argv, description=__doc__)
+    started = time.perf_counter()
+    bench = load_bench(options)
+    figures = {
+        "model": options.model,
+        "trained_length": bench.trained,
+        "factor": options.factor,
+        "longest": bench.longest,
+        "buckets": options.buckets,
+        "eval_blocks": len(bench.blocks),
+        "passkey_lengths": bench.lengths,
+        "depths": bench.depths,
+        "trials": options.trials,
+        "variants": measure_variants(options, bench),
+    }
     figures["wall_time_s"] = time.perf_counter() - started
-    out = args.out or run_dir / "long_context"
-    out.mkdir(parents=True, exist_ok=True)
-    plots(figures, out)
     report = table(figures)
-    write_results("long_context", figures, report, out)
-    if args.results is not None:
-        args.results.mkdir(parents=True, exist_ok=True)
-        plots(figures, args.results)
-        write_results("long_context", figures, report, args.results)
+    for out in [options.out or bench.run_dir / "long_context"] + ([options.results] if options.results else []):
+        out.mkdir(parents=True, exist_ok=True)
+        plots(figures, out)
+        write_results("long_context", figures, report, out)
     print(report)
     return figures
 

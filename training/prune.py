@@ -6,8 +6,8 @@ Methods (tiny_hf/pruning.py): unstructured `magnitude` and `wanda` at each `--sp
 evaluated one-shot and again after a short recovery fine-tune (AdamW on training blocks, masks kept), next to the
 dense model fine-tuned for the same steps, which separates recovery from plain extra training.
 
-    python training/prune.py --model runs/demo --results bench/results
-    python training/prune.py --model runs/demo --methods wanda,heads+neurons --recovery-steps 100 \\
+    tiny-hf prune --model runs/demo --results bench/results
+    tiny-hf prune --model runs/demo --methods wanda,heads+neurons --recovery-steps 100 \\
         --out runs/pruned-30                                  # also save a 30%-smaller dense model
 
 Writes `pruning.md` / `.json` and `pruning.png` (perplexity vs sparsity per method) to `--results` when given.
@@ -15,20 +15,23 @@ Writes `pruning.md` / `.json` and `pruning.png` (perplexity vs sparsity per meth
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import tiny_hf  # registers the "tiny" model type with the Auto classes
 from tiny_hf import pruning
 from tiny_hf.modeling_tiny import MLPS
+from tiny_hf.options import parse_options
+from tiny_hf.results import write_results
 from training.adapt import train_on_blocks
 from training.data import build_datasets
 from training.evaluation import evaluate_lm, validation_set
@@ -38,27 +41,44 @@ ALL_METHODS = (*pruning.METHODS, *STRUCTURED)
 TWO_FOUR = ("2:4", "wanda-2:4")  # fixed at 50%, run once whatever --sparsities says
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_argument_group("model and data")
-    source.add_argument("--model", type=Path, default=Path("runs/demo"), help="a pretraining run folder")
-    source.add_argument("--eval-blocks", type=int, default=64, help="validation blocks (pretraining's default)")
-    source.add_argument("--calibration-blocks", type=int, default=16, help="training blocks Wanda/structured score on")
-    what = parser.add_argument_group("what to prune")
-    what.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, from {list(ALL_METHODS)}")
-    what.add_argument("--sparsities", default="0.1,0.3,0.5,0.7", help="fractions of the blocks' linear weights")
-    recovery = parser.add_argument_group("recovery fine-tune (masks kept)")
-    recovery.add_argument("--recovery-steps", type=int, default=20, help="0 skips it")
-    recovery.add_argument("--lr", type=float, default=1e-4, help="constant; higher kicks a converged model off")
-    recovery.add_argument("--batch-size", type=int, default=4)
-    recovery.add_argument("--seed", type=int, default=0)
-    recovery.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=None, help="save a structurally pruned (heads+neurons) model here")
-    out.add_argument("--out-reduction", type=float, default=0.3, help="share of linear weights --out's model loses")
-    out.add_argument("--results", type=Path, default=None, help="write pruning.md/.json/.png here")
-    out.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+@dataclass
+class PruneOptions:
+    # model and data
+    model: Path = field(default=Path("runs/demo"), metadata={"help": "a pretraining run folder"})
+    eval_blocks: int = field(default=64, metadata={"help": "validation blocks (pretraining's default)"})
+    calibration_blocks: int = field(default=16, metadata={"help": "training blocks Wanda/structured score on"})
+    # what to prune
+    methods: str = field(
+        default=",".join(ALL_METHODS), metadata={"help": f"comma-separated, from {list(ALL_METHODS)}"}
+    )
+    sparsities: str = field(default="0.1,0.3,0.5,0.7", metadata={"help": "fractions of the blocks' linear weights"})
+    # recovery fine-tune (masks kept)
+    recovery_steps: int = field(default=20, metadata={"help": "0 skips it"})
+    lr: float = field(default=1e-4, metadata={"help": "constant; higher kicks a converged model off"})
+    batch_size: int = field(default=4, metadata={"help": "blocks per recovery step"})
+    seed: int = field(default=0)
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    # output
+    out: Path | None = field(default=None, metadata={"help": "save a structurally pruned (heads+neurons) model here"})
+    out_reduction: float = field(default=0.3, metadata={"help": "share of linear weights --out's model loses"})
+    results: Path | None = field(default=None, metadata={"help": "write pruning.md/.json/.png here"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+
+
+def check_options(options: PruneOptions) -> tuple[list[str], list[float]]:
+    """--methods and --sparsities as lists; bad values and a folder that is not a run fail here."""
+    methods = [m.strip() for m in options.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods {options.methods!r}: {unknown or 'none given'}; choose from {list(ALL_METHODS)}")
+    sparsities = [float(s) for s in options.sparsities.split(",") if s.strip()]
+    bad = [s for s in sparsities if not 0.0 < s < 1.0]
+    if bad or not sparsities:
+        raise ValueError(f"--sparsities {options.sparsities!r}: {bad or 'none given'}; each must be in (0, 1)")
+    run = options.model
+    if not (run / "run_config.json").is_file() or not (run / "model").is_dir():
+        raise FileNotFoundError(f"--model {run} is not a pretraining run folder (no run_config.json and model/)")
+    return methods, sparsities
 
 
 def linear_weights(model) -> int:
@@ -147,22 +167,25 @@ def plot(results: list[dict], baseline: dict, recovery_steps: int, out_png: Path
     return out_png
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown or not methods:
-        raise ValueError(f"--methods {args.methods!r}: {unknown or 'none given'}; choose from {list(ALL_METHODS)}")
-    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
-    bad = [s for s in sparsities if not 0.0 < s < 1.0]
-    if bad or not sparsities:
-        raise ValueError(f"--sparsities {args.sparsities!r}: {bad or 'none given'}; each must be in (0, 1)")
-    run = args.model
-    if not (run / "run_config.json").is_file() or not (run / "model").is_dir():
-        raise FileNotFoundError(f"--model {run} is not a pretraining run folder (no run_config.json and model/)")
-    torch.manual_seed(args.seed)
+@dataclass
+class Workbench:
+    """What every row is measured with: the dense model, its tokenizer and run config, and the blocks."""
 
-    dense = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).to(args.device)
+    dense: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    run_config: dict
+    train_blocks: torch.Tensor  # (N, T): recovery fine-tuning
+    calibration: torch.Tensor  # a random subset of train_blocks: Wanda and structured scores
+    val_blocks: torch.Tensor
+    byte_lengths: torch.Tensor
+
+    def evaluate(self, model: nn.Module) -> dict:
+        return evaluate_lm(model, self.val_blocks, self.byte_lengths)
+
+
+def load_workbench(options: PruneOptions) -> Workbench:
+    run = options.model
+    dense = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).to(options.device)
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     run_config = json.loads((run / "run_config.json").read_text())
     train, _ = build_datasets(
@@ -174,72 +197,78 @@ def main(argv=None) -> dict:
         cache_dir=run_config.get("cache_dir", "data"),
     )
     train_blocks = torch.tensor(train["input_ids"], dtype=torch.long)  # (N, T)
-    generator = torch.Generator().manual_seed(args.seed)
-    calibration = train_blocks[torch.randperm(len(train_blocks), generator=generator)[: args.calibration_blocks]]
-    val_blocks, byte_lengths = validation_set(run, tokenizer, max_blocks=args.eval_blocks)
-    dense_weights = linear_weights(dense)
+    generator = torch.Generator().manual_seed(options.seed)
+    calibration = train_blocks[torch.randperm(len(train_blocks), generator=generator)[: options.calibration_blocks]]
+    val_blocks, byte_lengths = validation_set(run, tokenizer, max_blocks=options.eval_blocks)
+    return Workbench(dense, tokenizer, run_config, train_blocks, calibration, val_blocks, byte_lengths)
 
-    def recover(model, masks) -> dict:
-        train_on_blocks(
-            model,
-            train_blocks,
-            masks=masks,
-            steps=args.recovery_steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-        return evaluate_lm(model, val_blocks, byte_lengths)
 
-    start = time.perf_counter()
-    baseline = evaluate_lm(dense, val_blocks, byte_lengths)
-    if args.recovery_steps:
-        baseline["recovered"] = recover(copy.deepcopy(dense), {})
-    rows = plan(methods, sparsities, dense.config)
+def recover(options: PruneOptions, bench: Workbench, model: nn.Module, masks: dict) -> dict:
+    """The recovery fine-tune (masks kept), then the validation figures."""
+    train_on_blocks(
+        model,
+        bench.train_blocks,
+        masks=masks,
+        steps=options.recovery_steps,
+        lr=options.lr,
+        batch_size=options.batch_size,
+        seed=options.seed,
+    )
+    return bench.evaluate(model)
+
+
+def run_rows(options: PruneOptions, bench: Workbench, rows: list) -> list[dict]:
+    """Each planned row on a fresh copy of the dense model: one-shot figures, and after recovery."""
+    dense_weights = linear_weights(bench.dense)
     results = []
-    progress = tqdm(rows, desc="pruning", disable=args.no_progress)
+    progress = tqdm(rows, desc="pruning", disable=options.no_progress)
     for method, target, counts in progress:
         progress.set_postfix(method=method, target=target)
-        model = copy.deepcopy(dense)
-        masks = prune_row(model, method, target, counts, calibration)
+        model = copy.deepcopy(bench.dense)
+        masks = prune_row(model, method, target, counts, bench.calibration)
         result = {
             "method": method,
             "target": target,
             "removed": round(1 - linear_weights(model) / dense_weights, 4),
             **({"heads_removed": counts[0], "neurons_removed": counts[1]} if counts else {}),
-            **evaluate_lm(model, val_blocks, byte_lengths),
+            **bench.evaluate(model),
         }
-        if args.recovery_steps:
-            result["recovered"] = recover(model, masks)
+        if options.recovery_steps:
+            result["recovered"] = recover(options, bench, model, masks)
         results.append(result)
     progress.close()
-    seconds = time.perf_counter() - start
+    return results
 
-    saved = None
-    if args.out is not None:
-        counts = structured_counts(dense.config, "heads+neurons", args.out_reduction)
-        if counts is None:
-            raise ValueError(f"--out-reduction {args.out_reduction} is out of reach of heads+neurons pruning")
-        model = copy.deepcopy(dense)
-        prune_row(model, "heads+neurons", args.out_reduction, counts, calibration)
-        if args.recovery_steps:
-            recover(model, {})
-        saved = str(tiny_hf.export(model, tokenizer, args.out))
 
-    config = dense.config
-    tokens = args.recovery_steps * args.batch_size * run_config["block_size"]
-    title = f"Pruning {run.name} ({dense.num_parameters() / 1e6:.2f}M parameters)"
+def save_pruned(options: PruneOptions, bench: Workbench) -> str:
+    """--out: the dense model with heads and neurons removed (--out-reduction of its linear weights), recovered."""
+    counts = structured_counts(bench.dense.config, "heads+neurons", options.out_reduction)
+    if counts is None:
+        raise ValueError(f"--out-reduction {options.out_reduction} is out of reach of heads+neurons pruning")
+    model = copy.deepcopy(bench.dense)
+    prune_row(model, "heads+neurons", options.out_reduction, counts, bench.calibration)
+    if options.recovery_steps:
+        recover(options, bench, model, {})
+    return str(tiny_hf.export(model, bench.tokenizer, options.out))
+
+
+def markdown_table(
+    options: PruneOptions, bench: Workbench, baseline: dict, results: list[dict], seconds: float
+) -> str:
+    """The Markdown table, under a paragraph saying what was measured on what."""
+    config, val_blocks = bench.dense.config, bench.val_blocks
+    tokens = options.recovery_steps * options.batch_size * bench.run_config["block_size"]
     lines = [
-        f"# {title}",
+        f"# {title(options, bench)}",
         "",
-        f"{dense_weights / 1e6:.2f}M weights in the blocks' linear layers are pruned; the embedding and tied head "
-        f"stay dense. Validation: {len(val_blocks)} blocks x {val_blocks.shape[1]} tokens of the run's held-out "
-        f"documents. Wanda and structured scores: {len(calibration)} training blocks. Recovery: "
-        f"{args.recovery_steps} AdamW steps (lr {args.lr:g}, {args.batch_size} blocks each, {tokens:,} tokens), "
-        "masks kept. Structured rows remove whole heads (config: "
+        f"{linear_weights(bench.dense) / 1e6:.2f}M weights in the blocks' linear layers are pruned; the embedding "
+        f"and tied head stay dense. Validation: {len(val_blocks)} blocks x {val_blocks.shape[1]} tokens of the "
+        f"run's held-out documents. Wanda and structured scores: {len(bench.calibration)} training blocks. "
+        f"Recovery: {options.recovery_steps} AdamW steps (lr {options.lr:g}, {options.batch_size} blocks each, "
+        f"{tokens:,} tokens), masks kept. Structured rows remove whole heads (config: "
         f"{config.num_attention_heads} heads, {config.num_key_value_heads} key/value heads, head_dim "
         f"{config.head_dim}) and MLP neurons (intermediate_size {config.intermediate_size}) from every layer. "
-        f"{len(results) + 1} rows in {seconds:.0f} s on {args.device}.",
+        f"{len(results) + 1} rows in {seconds:.0f} s on {options.device}.",
         "",
         "![perplexity vs sparsity](pruning.png)",
         "",
@@ -257,21 +286,40 @@ def main(argv=None) -> dict:
     for r in results:
         removed = f"{r['heads_removed']} / {r['neurons_removed']}" if "heads_removed" in r else "-"
         lines.append(f"| {r['method']} | {r['target']:g} | {r['removed']:.1%} | {removed} | {cells(r)} |")
-    table = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def title(options: PruneOptions, bench: Workbench) -> str:
+    return f"Pruning {options.model.name} ({bench.dense.num_parameters() / 1e6:.2f}M parameters)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (options,) = parse_options(PruneOptions, argv=argv, description=__doc__)
+    methods, sparsities = check_options(options)
+    torch.manual_seed(options.seed)
+    bench = load_workbench(options)
+
+    start = time.perf_counter()
+    baseline = bench.evaluate(bench.dense)
+    if options.recovery_steps:  # the dense model fine-tuned alike: what recovery adds beyond extra training
+        baseline["recovered"] = recover(options, bench, copy.deepcopy(bench.dense), {})
+    results = run_rows(options, bench, plan(methods, sparsities, bench.dense.config))
+    seconds = time.perf_counter() - start
+    saved = save_pruned(options, bench) if options.out is not None else None
+
+    table = markdown_table(options, bench, baseline, results, seconds)
     figures = {
-        "setup": {k: str(v) for k, v in vars(args).items()},
-        "linear_weights": dense_weights,
-        "parameters": dense.num_parameters(),
+        "setup": {k: str(v) for k, v in vars(options).items()},
+        "linear_weights": linear_weights(bench.dense),
+        "parameters": bench.dense.num_parameters(),
         "baseline": baseline,
         "results": results,
         "seconds": round(seconds, 1),
         "saved": saved,
     }
-    if args.results is not None:
-        from tiny_hf.results import write_results
-
-        write_results("pruning", figures, table, args.results)
-        plot(results, baseline, args.recovery_steps, args.results / "pruning.png", title)
+    if options.results is not None:
+        write_results("pruning", figures, table, options.results)
+        plot(results, baseline, options.recovery_steps, options.results / "pruning.png", title(options, bench))
     print(table)
     return figures
 

@@ -1,7 +1,7 @@
 """Upload a run to the Hugging Face Hub as a model that loads without tiny_hf.
 
-    python training/push.py --model runs/demo --repo-id you/tiny-demo --dry-run   # build runs/demo-upload, stop
-    python training/push.py --model runs/demo --repo-id you/tiny-demo             # build it, then upload it
+    tiny-hf push --model runs/demo --repo-id you/tiny-demo --dry-run   # build runs/demo-upload, stop
+    tiny-hf push --model runs/demo --repo-id you/tiny-demo             # build it, then upload it
 
 The staging folder (`--out`, default `<run>-upload` beside the run) holds exactly what is uploaded:
 - the model re-exported with `tiny_hf.export`: weights, a config whose `auto_map` names every Auto class, the
@@ -18,9 +18,9 @@ HF_HUB_OFFLINE=1, so run this outside make.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
@@ -29,6 +29,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import tiny_hf  # registers model_type "tiny" with the Auto classes
+from tiny_hf.options import parse_options
 from training import report
 
 # Written into the staging folder so a later run may replace it; never uploaded. A non-empty folder without it is
@@ -68,19 +69,17 @@ TRAINING_KEYS = (
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_argument_group("what to upload")
-    source.add_argument("--model", type=Path, required=True, help="a run folder (with model/) or a model folder")
-    hub = parser.add_argument_group("where to")
-    hub.add_argument("--repo-id", required=True, help="owner/name on the Hub")
-    hub.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its)")
-    hub.add_argument("--license", default="apache-2.0", help="license id for the model card")
-    hub.add_argument("--commit-message", default=None, help="default: 'Upload <run> with tiny-hf'")
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, default=None, help="staging folder (default: <run>-upload beside it)")
-    output.add_argument("--dry-run", action="store_true", help="build the staging folder, print it, upload nothing")
-    return parser.parse_args(argv)
+@dataclass
+class PushOptions:
+    # what to upload, where to
+    model: Path = field(metadata={"help": "a run folder (with model/) or a model folder"})
+    repo_id: str = field(metadata={"help": "owner/name on the Hub"})
+    private: bool = field(default=False, metadata={"help": "create the repo private (an existing repo keeps its)"})
+    license: str = field(default="apache-2.0", metadata={"help": "license id for the model card"})
+    commit_message: str | None = field(default=None, metadata={"help": "default: 'Upload <run> with tiny-hf'"})
+    # output
+    out: Path | None = field(default=None, metadata={"help": "staging folder (default: <run>-upload beside it)"})
+    dry_run: bool = field(default=False, metadata={"help": "build the staging folder, print it, upload nothing"})
 
 
 # --- checks: all of them run before anything is written ------------------------------------------------------------
@@ -164,6 +163,104 @@ def markdown_table(rows: list[tuple[str, object]], header: tuple[str, str]) -> l
     return lines + [f"| {key} | {report.format_value(value)} |" for key, value in rows]
 
 
+def usage_section(repo_id: str, parameters: int) -> list[str]:
+    """What the model is and how to load it (with the remote-code warning)."""
+    return [
+        f"# {repo_id.split('/')[1]}",
+        "",
+        f"A {human_count(parameters)}-parameter decoder-only language model built and trained from scratch with "
+        "tiny-hf. Its code ships in this repository (`configuration_tiny.py`, `modeling_tiny.py`, "
+        "`tokenization_tiny.py`), so it loads with `trust_remote_code=True` and needs only `transformers` and "
+        "`torch`.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)',
+        f'inputs = tokenizer("{USAGE_PROMPT}", return_tensors="pt")',
+        "output = model.generate(**inputs, max_new_tokens=40, do_sample=True, top_p=0.9)",
+        "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        "```",
+        "",
+        "`trust_remote_code=True` runs this repository's Python files on your machine: read them first, and pass "
+        "`revision=` (a commit hash) so that what you read is what runs.",
+    ]
+
+
+def evaluation_section(results: dict, images: list[str]) -> list[str]:
+    """The final validation figures of the run (if it recorded any) and its plots."""
+    body = ["", "## Evaluation", ""]
+    if "val_loss" in results:
+        rows = [
+            ("validation loss (nats per token)", f"{results['val_loss']:.4f}"),
+            ("validation perplexity", f"{results['val_perplexity']:.2f}" if "val_perplexity" in results else None),
+            (
+                "validation bits per byte",
+                f"{results['val_bits_per_byte']:.4f}" if "val_bits_per_byte" in results else None,
+            ),
+            ("at step", results.get("val_step")),
+            ("tokens seen", results.get("tokens")),
+        ]
+        body += markdown_table([(k, v) for k, v in rows if v is not None], ("metric", "value"))
+        body += [
+            "",
+            "On a held-out split of the training corpus, at the end of training. Bits per byte (total nats / ln 2 / "
+            "UTF-8 bytes) does not depend on the tokenizer, so it compares models with different vocabularies; "
+            "loss and perplexity are per token and do not.",
+        ]
+    else:
+        body.append("No evaluation was recorded for this run.")
+    return body + [f"\n![{Path(image).stem.replace('_', ' ')}]({image})" for image in images]
+
+
+def model_section(model: PreTrainedModel) -> list[str]:
+    """The architecture: the config fields the run summary shows, the parameter count and the dtype."""
+    config = model.config.to_dict()
+    architecture = [
+        ("architectures", ", ".join(config.get("architectures") or [])),
+        ("parameters", model.num_parameters()),
+    ]
+    architecture += [(k, config[k]) for k in report.SUMMARY_CONFIG_KEYS if k in config]
+    architecture.append(("dtype", str(model.dtype).removeprefix("torch.")))
+    return ["", "## Model", ""] + markdown_table(architecture, ("field", "value"))
+
+
+def training_section(run_config: dict | None, results: dict) -> list[str]:
+    """The training setup from run_config.json (local paths removed from the data spec)."""
+    body = ["", "## Training", ""]
+    if not run_config:
+        return body + ["The run folder had no run_config.json, so the training setup is not recorded here."]
+    training = [
+        (k, f"`{public_data_spec(v)}`" if k == "data" else v)
+        for k in TRAINING_KEYS
+        if (v := run_config.get(k)) is not None
+    ]
+    if "tokens" in results:
+        training.append(("tokens seen", results["tokens"]))
+    if "skipped_steps" in results:
+        training.append(("skipped steps (loss spikes)", results["skipped_steps"]))
+    body += markdown_table(training, ("setting", "value"))
+    if "embedded" in str(run_config.get("data", "")):
+        body += [
+            "",
+            "`embedded` is tiny-hf's built-in corpus: the English documentation of the Python it ran on (pydoc "
+            "topics and standard-library docstrings), about 2.5 MB.",
+        ]
+    return body
+
+
+LIMITATIONS = [
+    "",
+    "## Limitations",
+    "",
+    "A small model trained on a small corpus, for learning and experiments: it writes text that looks fluent "
+    "and is often wrong. Do not use it for anything that matters.",
+]
+
+
 def build_model_card(
     repo_id: str,
     model: PreTrainedModel,
@@ -185,91 +282,14 @@ def build_model_card(
     data = ModelCardData(
         license=license, library_name="transformers", tags=list(CARD_TAGS), pipeline_tag="text-generation"
     )
-    config = model.config.to_dict()
-    parameters = model.num_parameters()
-    name = repo_id.split("/")[1]
     results = report.run_results(records) if records else {}
-
-    body = [
-        f"# {name}",
-        "",
-        f"A {human_count(parameters)}-parameter decoder-only language model built and trained from scratch with "
-        "tiny-hf. Its code ships in this repository (`configuration_tiny.py`, `modeling_tiny.py`, "
-        "`tokenization_tiny.py`), so it loads with `trust_remote_code=True` and needs only `transformers` and "
-        "`torch`.",
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)',
-        f'inputs = tokenizer("{USAGE_PROMPT}", return_tensors="pt")',
-        "output = model.generate(**inputs, max_new_tokens=40, do_sample=True, top_p=0.9)",
-        "print(tokenizer.decode(output[0], skip_special_tokens=True))",
-        "```",
-        "",
-        "`trust_remote_code=True` runs this repository's Python files on your machine: read them first, and pass "
-        "`revision=` (a commit hash) so that what you read is what runs.",
-        "",
-        "## Evaluation",
-        "",
-    ]
-    if "val_loss" in results:
-        rows = [
-            ("validation loss (nats per token)", f"{results['val_loss']:.4f}"),
-            ("validation perplexity", f"{results['val_perplexity']:.2f}" if "val_perplexity" in results else None),
-            (
-                "validation bits per byte",
-                f"{results['val_bits_per_byte']:.4f}" if "val_bits_per_byte" in results else None,
-            ),
-            ("at step", results.get("val_step")),
-            ("tokens seen", results.get("tokens")),
-        ]
-        body += markdown_table([(k, v) for k, v in rows if v is not None], ("metric", "value"))
-        body += [
-            "",
-            "On a held-out split of the training corpus, at the end of training. Bits per byte (total nats / ln 2 / "
-            "UTF-8 bytes) does not depend on the tokenizer, so it compares models with different vocabularies; "
-            "loss and perplexity are per token and do not.",
-        ]
-    else:
-        body.append("No evaluation was recorded for this run.")
-    body += [f"\n![{Path(image).stem.replace('_', ' ')}]({image})" for image in images]
-
-    architecture = [("architectures", ", ".join(config.get("architectures") or [])), ("parameters", parameters)]
-    architecture += [(k, config[k]) for k in report.SUMMARY_CONFIG_KEYS if k in config]
-    architecture.append(("dtype", str(model.dtype).removeprefix("torch.")))
-    body += ["", "## Model", ""] + markdown_table(architecture, ("field", "value"))
-
-    body += ["", "## Training", ""]
-    if run_config:
-        training = [
-            (k, f"`{public_data_spec(v)}`" if k == "data" else v)
-            for k in TRAINING_KEYS
-            if (v := run_config.get(k)) is not None
-        ]
-        if "tokens" in results:
-            training.append(("tokens seen", results["tokens"]))
-        if "skipped_steps" in results:
-            training.append(("skipped steps (loss spikes)", results["skipped_steps"]))
-        body += markdown_table(training, ("setting", "value"))
-        if "embedded" in str(run_config.get("data", "")):
-            body += [
-                "",
-                "`embedded` is tiny-hf's built-in corpus: the English documentation of the Python it ran on (pydoc "
-                "topics and standard-library docstrings), about 2.5 MB.",
-            ]
-    else:
-        body.append("The run folder had no run_config.json, so the training setup is not recorded here.")
-    body += [
-        "",
-        "## Limitations",
-        "",
-        "A small model trained on a small corpus, for learning and experiments: it writes text that looks fluent "
-        "and is often wrong. Do not use it for anything that matters.",
-    ]
+    body = (
+        usage_section(repo_id, model.num_parameters())
+        + evaluation_section(results, images)
+        + model_section(model)
+        + training_section(run_config, results)
+        + LIMITATIONS
+    )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
@@ -336,8 +356,8 @@ def upload(staging: Path, repo_id: str, private: bool = False, commit_message: s
     return commit.commit_url
 
 
-def main(argv=None) -> Path:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> Path:
+    (args,) = parse_options(PushOptions, argv=argv, description=__doc__)
     run_dir = args.model
     # resolve(): `--model .` or `--model runs/demo/` must still name the staging folder after the run.
     out = args.out if args.out is not None else run_dir.resolve().parent / f"{run_dir.resolve().name}-upload"

@@ -5,9 +5,9 @@ and bitsandbytes (LLM.int8, Dettmers et al. 2022; 4-bit NF4 and FP4 from QLoRA, 
 validation perplexity and bits per byte on the run's own held-out blocks (training/evaluation.py); speed is greedy
 `generate()` tokens/s at batch 1 on this machine.
 
-    python training/quantize.py --model runs/demo --results bench/results
-    python training/quantize.py --model runs/demo --variants fp32,ours-int4-all --sensitivity
-    python training/quantize.py --model runs/demo --variants fp32 --save runs/demo/bnb
+    tiny-hf quantize --model runs/demo --results bench/results
+    tiny-hf quantize --model runs/demo --variants fp32,ours-int4-all --sensitivity
+    tiny-hf quantize --model runs/demo --variants fp32 --save runs/demo/bnb
 
 Writes `<out>/quantization.md` and `.json` (default out: `<model>/quantization`); `--results bench/results` also
 writes them there. `--save DIR` saves the bitsandbytes 8-bit and NF4 models with `save_pretrained`, reloads them and
@@ -16,20 +16,21 @@ checks that the reloaded logits equal the saved model's.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 import tiny_hf  # noqa: F401 (registers the Auto classes)
-from tiny_hf.quantization import (  # noqa: E501
+from tiny_hf.options import parse_options
+from tiny_hf.quantization import (
     SCHEMES,
     QuantizedEmbedding,
     QuantizedLinear,
@@ -99,26 +100,27 @@ VARIANTS: dict[str, Variant] = {
 SAVED_VARIANTS = ("bnb-int8", "bnb-nf4")  # what --save writes and reloads
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = parser.add_argument_group("what to quantize")
-    what.add_argument("--model", type=Path, required=True, help="a pretraining run folder (model/ + run_config.json)")
-    what.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+@dataclass
+class QuantizeOptions:
+    # what to quantize
+    model: Path = field(metadata={"help": "a pretraining run folder (model/ + run_config.json)"})
+    variants: str = field(default=",".join(VARIANTS), metadata={"help": f"comma-separated, from {list(VARIANTS)}"})
     # 32, not 64: it divides every preset's widths (tiny-3m's hidden size 160 and tiny-10m's 288 are not multiples
     # of 64). bitsandbytes' blocks of 64 run over the flattened matrix, so they need no such divisor.
-    what.add_argument("--group-size", type=int, default=32, help="inputs per scale for our int4 schemes")
-    measure = parser.add_argument_group("measurement")
-    measure.add_argument("--eval-blocks", type=int, default=64, help="validation blocks (pretraining's default)")
-    measure.add_argument("--decode-tokens", type=int, default=64, help="new tokens per timed greedy generate")
-    measure.add_argument("--prompt", default="The json module", help="the same prompt for every variant")
-    measure.add_argument("--sensitivity", action="store_true", help="also int4 one kind of layer at a time")
-    measure.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy box)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=None, help="default: <model>/quantization")
-    out.add_argument("--results", type=Path, default=None, help="also write the table here, e.g. bench/results")
-    out.add_argument("--save", type=Path, default=None, help=f"save + reload {list(SAVED_VARIANTS)} under this folder")
-    out.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    group_size: int = field(default=32, metadata={"help": "inputs per scale for our int4 schemes"})
+    # measurement
+    eval_blocks: int = field(default=64, metadata={"help": "validation blocks (pretraining's default)"})
+    decode_tokens: int = field(default=64, metadata={"help": "new tokens per timed greedy generate"})
+    prompt: str = field(default="The json module", metadata={"help": "the same prompt for every variant"})
+    sensitivity: bool = field(default=False, metadata={"help": "also int4 one kind of layer at a time"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (1 is steadier on a busy box)"})
+    # output
+    out: Path | None = field(default=None, metadata={"help": "default: <model>/quantization"})
+    results: Path | None = field(default=None, metadata={"help": "also write the table here, e.g. bench/results"})
+    save: Path | None = field(
+        default=None, metadata={"help": f"save + reload {list(SAVED_VARIANTS)} under this folder"}
+    )
+    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -255,79 +257,94 @@ def table(figures: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+def variant_names(spec: str) -> list[str]:
+    """`--variants` as a list, fp32 first: every change is measured against it."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
-        raise ValueError(f"--variants {args.variants!r}: {unknown or 'none given'}; choose from {list(VARIANTS)}")
-    names = ["fp32"] + [n for n in names if n != "fp32"]  # every change is measured against fp32
-    model_dir = args.model / "model"
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {args.model} is not a pretraining run folder: it has no model/config.json")
-    tokenizer_dir = model_dir if (model_dir / "tokenizer.json").is_file() else args.model / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    blocks, byte_lengths = validation_set(args.model, tokenizer, max_blocks=args.eval_blocks)
+        raise ValueError(f"--variants {spec!r}: {unknown or 'none given'}; choose from {list(VARIANTS)}")
+    return ["fp32"] + [n for n in names if n != "fp32"]
 
+
+def load_run(options: QuantizeOptions) -> tuple[Path, PreTrainedTokenizerBase, torch.Tensor, torch.Tensor, nn.Module]:
+    """The run's model folder, tokenizer, validation blocks and byte lengths, and its float32 model. A bad
+    --group-size fails here, before any measuring."""
+    model_dir = options.model / "model"
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {options.model} is not a pretraining run folder: it has no model/config.json"
+        )
+    tokenizer_dir = model_dir if (model_dir / "tokenizer.json").is_file() else options.model / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    blocks, byte_lengths = validation_set(options.model, tokenizer, max_blocks=options.eval_blocks)
     fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for layer in fp32.modules():  # a bad --group-size fails here, before any measuring
+    for layer in fp32.modules():
         if isinstance(layer, torch.nn.Linear):
-            QuantizedLinear(layer.in_features, layer.out_features, scheme="int4", group_size=args.group_size)
-    bf16_bytes = sum(p.numel() for p in fp32.parameters()) * 2
+            QuantizedLinear(layer.in_features, layer.out_features, scheme="int4", group_size=options.group_size)
+    return model_dir, tokenizer, blocks, byte_lengths, fp32
+
+
+def measure_variant(name: str, model: torch.nn.Module, tokenizer, blocks, byte_lengths, figures: dict) -> dict:
+    """One row of the table: weight memory, quality against fp32 (measured first), decode speed and the goal."""
+    variant = VARIANTS[name]
+    metrics = evaluate_lm(model, blocks, byte_lengths)
+    tokens_per_s, sample = decode_speed(model, tokenizer, figures["prompt"], figures["decode_tokens"])
+    base_ppl = figures["variants"]["fp32"]["val_perplexity"] if name != "fp32" else metrics["val_perplexity"]
+    change = metrics["val_perplexity"] / base_ppl - 1
+    size = weight_bytes(model)
+    return {
+        "description": variant.description,
+        "weight_bytes": size,
+        "ratio_to_bf16": size / figures["bf16_bytes"],
+        "embedding_bytes": embedding_bytes(model),
+        **metrics,
+        "ppl_change_vs_fp32": change,
+        "decode_tokens_per_s": tokens_per_s,
+        "sample": sample,
+        "goal": goal(variant, change, size / figures["bf16_bytes"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (options,) = parse_options(QuantizeOptions, argv=argv, description=__doc__)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    names = variant_names(options.variants)
+    model_dir, tokenizer, blocks, byte_lengths, fp32 = load_run(options)
     figures = {
-        "model": str(args.model),
+        "model": str(options.model),
         "parameters": sum(p.numel() for p in fp32.parameters()),
         "embedding_parameters": fp32.get_input_embeddings().weight.numel(),
-        "bf16_bytes": bf16_bytes,
-        "group_size": args.group_size,
+        "bf16_bytes": sum(p.numel() for p in fp32.parameters()) * 2,
+        "group_size": options.group_size,
         "eval_tokens": int(blocks[:, 1:].numel()),
-        "decode_tokens": args.decode_tokens,
-        "prompt": args.prompt,
+        "decode_tokens": options.decode_tokens,
+        "prompt": options.prompt,
         "schemes": list(SCHEMES),
         "variants": {},
     }
-    progress = tqdm(names, desc="variants", disable=args.no_progress)
+    saved = {}
+    progress = tqdm(names, desc="variants", disable=options.no_progress)
     for name in progress:
         progress.set_postfix(variant=name)
-        variant = VARIANTS[name]
-        model = variant.load(model_dir, fp32, args.group_size)
-        metrics = evaluate_lm(model, blocks, byte_lengths)
-        tokens_per_s, sample = decode_speed(model, tokenizer, args.prompt, args.decode_tokens)
-        base_ppl = figures["variants"]["fp32"]["val_perplexity"] if name != "fp32" else metrics["val_perplexity"]
-        change = metrics["val_perplexity"] / base_ppl - 1
-        size = weight_bytes(model)
-        figures["variants"][name] = {
-            "description": variant.description,
-            "weight_bytes": size,
-            "ratio_to_bf16": size / bf16_bytes,
-            "embedding_bytes": embedding_bytes(model),
-            **metrics,
-            "ppl_change_vs_fp32": change,
-            "decode_tokens_per_s": tokens_per_s,
-            "sample": sample,
-            "goal": goal(variant, change, size / bf16_bytes),
-        }
-        if args.save is not None and name in SAVED_VARIANTS:
-            figures.setdefault("save_reload", {})[name] = save_and_reload(model, tokenizer, blocks, args.save / name)
+        model = VARIANTS[name].load(model_dir, fp32, options.group_size)
+        figures["variants"][name] = measure_variant(name, model, tokenizer, blocks, byte_lengths, figures)
+        if options.save is not None and name in SAVED_VARIANTS:
+            saved[name] = save_and_reload(model, tokenizer, blocks, options.save / name)
         del model
-    if args.sensitivity:
+    if options.sensitivity:
         base_ppl = figures["variants"]["fp32"]["val_perplexity"]
-        figures["sensitivity"] = layer_sensitivity(fp32, blocks, byte_lengths, args.group_size, base_ppl)
-    if args.save is not None:  # the saved variants may not have been among --variants
-        for name in SAVED_VARIANTS:
-            if name not in figures.get("save_reload", {}):
-                model = VARIANTS[name].load(model_dir, fp32, args.group_size)
-                figures.setdefault("save_reload", {})[name] = save_and_reload(
-                    model, tokenizer, blocks, args.save / name
-                )
+        figures["sensitivity"] = layer_sensitivity(fp32, blocks, byte_lengths, options.group_size, base_ppl)
+    if options.save is not None:  # the saved variants may not have been among --variants
+        for name in (n for n in SAVED_VARIANTS if n not in saved):
+            model = VARIANTS[name].load(model_dir, fp32, options.group_size)
+            saved[name] = save_and_reload(model, tokenizer, blocks, options.save / name)
+        figures["save_reload"] = {name: saved[name] for name in SAVED_VARIANTS}
 
     table_md = table(figures)
-    out = args.out or args.model / "quantization"
-    write_results("quantization", figures, table_md, out)
-    if args.results is not None:
-        write_results("quantization", figures, table_md, args.results)
+    write_results("quantization", figures, table_md, options.out or options.model / "quantization")
+    if options.results is not None:
+        write_results("quantization", figures, table_md, options.results)
     print(table_md)
     return figures
 

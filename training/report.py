@@ -19,7 +19,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-METRICS_FILE = "metrics.jsonl"
+# The metrics file is written and read by training/run_log.py; the names stay importable from here too.
+from training.run_log import METRICS_FILE as METRICS_FILE
+from training.run_log import read_metrics
+
 LOSS_CURVE_FILE = "loss_curve.png"
 SUMMARY_FILE = "summary.md"
 # The config fields worth a line in a summary, in reading order; the rest of `config.to_dict()` is noise there.
@@ -42,35 +45,6 @@ SUMMARY_CONFIG_KEYS = (
     "tie_word_embeddings",
     "attn_implementation",
 )
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of a run's `metrics.jsonl`, in file order.
-
-    Args:
-        run_dir: A run folder (holding `metrics.jsonl`) or the path of a metrics file itself.
-
-    Returns:
-        One dict per non-empty line. A torn last line (a run killed mid-write) is dropped; a bad line elsewhere is
-        a ValueError naming the file and line.
-    """
-    path = Path(run_dir)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file at {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number} is not JSON: {error}") from None
-    return records
 
 
 def train_records(records: list[dict]) -> list[dict]:

@@ -413,8 +413,8 @@ def _sample_tables(figures: dict, names: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 def held_out_data(options: CompareOptions) -> dict:
     """The same held-out docs prompts and verifiable questions for every method (fixed subsets by hash of the id)."""
-    docs = stable_subset(list(preference_dataset()["test"]), options.docs_examples, key=lambda r: r["id"])
-    verifiable = list(verifiable_dataset()["test"])
+    docs = stable_subset(list(preference_dataset()["validation"]), options.docs_examples, key=lambda r: r["id"])
+    verifiable = list(verifiable_dataset()["validation"])
     return {"docs": docs, "verifiable": stable_subset(verifiable, options.verifiable_examples, key=lambda r: r["id"])}
 
 

@@ -7,7 +7,7 @@ out (the same hash rule as `tiny_hf.corpus.split_documents`), so a held-out answ
 stage.
 
     from alignment.data import load_chat_dataset
-    ds = load_chat_dataset("embedded")          # DatasetDict(train, test) with a "messages" column
+    ds = load_chat_dataset("embedded")          # DatasetDict(train, validation) with a "messages" column
     ds = load_chat_dataset("path/to/chats.jsonl") or load_chat_dataset("HuggingFaceH4/no_robots")
 
 Rows are in TRL's conversational format (`messages`: a list of {"role", "content"}).
@@ -74,9 +74,22 @@ def stable_subset(items: list, max_examples: int | None, key: Callable[[object],
 
 
 def held_out_split(key: str, val_fraction: float) -> str:
-    """The split of a row: "test" (held out) when `stable_fraction(key)` falls under `val_fraction`, else "train".
-    Every DatasetDict here names its held-out split "test", as TRL and `train_test_split` do."""
-    return "test" if stable_fraction(key) < val_fraction else "train"
+    """The split of a row: "validation" (held out) when `stable_fraction(key)` falls under `val_fraction`, else
+    "train". Every DatasetDict the project makes names its held-out split "validation", as pretraining does."""
+    return "validation" if stable_fraction(key) < val_fraction else "train"
+
+
+def train_and_held_out(splits, val_fraction: float, max_examples: int | None) -> datasets.DatasetDict:
+    """A loaded source as {"train", "validation"}: its own held-out split ("validation", else "test"), or
+    `val_fraction` of its first split held out; the train split cut to `max_examples`."""
+    held_out = next((name for name in ("validation", "test") if name in splits), None)
+    if held_out is None:
+        first = splits[next(iter(splits))].train_test_split(test_size=val_fraction, seed=0)
+        splits, held_out = {"train": first["train"], "test": first["test"]}, "test"
+    train = splits["train"]
+    if max_examples is not None:
+        train = train.select(range(min(max_examples, len(train))))
+    return datasets.DatasetDict({"train": train, "validation": splits[held_out]})
 
 
 def docstring_pairs(stdlib_dir: str | None = None) -> list[dict]:
@@ -122,7 +135,8 @@ def docstring_pairs(stdlib_dir: str | None = None) -> list[dict]:
 def instruction_dataset(
     val_fraction: float = 0.05, max_examples: int | None = None, stdlib_dir: str | None = None
 ) -> datasets.DatasetDict:
-    """The docstring Q&A pairs as a DatasetDict(train, test) of chats; test = the modules pretraining held out.
+    """The docstring Q&A pairs as a DatasetDict(train, validation) of chats; validation = the modules pretraining
+    held out.
 
     Args:
         val_fraction: The held-out share of modules (pretraining's default is 0.05).
@@ -131,7 +145,7 @@ def instruction_dataset(
     """
     pairs = docstring_pairs(stdlib_dir)
     pairs = stable_subset(pairs, max_examples, key=lambda p: p["name"])
-    rows = {"train": [], "test": []}
+    rows = {"train": [], "validation": []}
     for pair in pairs:
         rows[_split_of(pair, val_fraction)].append(
             {
@@ -144,9 +158,9 @@ def instruction_dataset(
                 ],
             }
         )
-    if not rows["train"] or not rows["test"]:
+    if not rows["train"] or not rows["validation"]:
         raise ValueError(
-            f"the instruction data has {len(rows['train'])} train and {len(rows['test'])} held-out "
+            f"the instruction data has {len(rows['train'])} train and {len(rows['validation'])} held-out "
             f"pairs; use more modules or a larger val_fraction"
         )
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
@@ -191,27 +205,22 @@ def embedded_chat_dataset(
                     ),
                 ]
             )
-            for split in ("train", "test")
+            for split in ("train", "validation")
         }
     )
 
 
 def load_chat_dataset(spec: str, val_fraction: float = 0.05, max_examples: int | None = None) -> datasets.DatasetDict:
     """`embedded` (the docstring Q&A), a local .json/.jsonl file or folder, or a Hub dataset name; rows must have
-    `messages` (or `prompt` + `completion`, TRL's prompt-completion format). A source without a test split is
-    split by `val_fraction`."""
+    `messages` (or `prompt` + `completion`, TRL's prompt-completion format). A source without a held-out
+    split (validation or test) is split by `val_fraction`."""
     if spec == "embedded":
         return embedded_chat_dataset(val_fraction, max_examples)
     loaded = _load_files_or_hub(spec)
     columns = set(loaded[next(iter(loaded))].column_names)
     if "messages" not in columns and not {"prompt", "completion"} <= columns:
         raise ValueError(f"--data {spec}: rows need 'messages' or 'prompt' + 'completion'; found {sorted(columns)}")
-    if "test" not in loaded:
-        first = loaded[next(iter(loaded))]
-        loaded = first.train_test_split(test_size=val_fraction, seed=0)
-    if max_examples is not None:
-        loaded["train"] = loaded["train"].select(range(min(max_examples, len(loaded["train"]))))
-    return datasets.DatasetDict({"train": loaded["train"], "test": loaded["test"]})
+    return train_and_held_out(loaded, val_fraction, max_examples)
 
 
 def _split_of(pair: dict, val_fraction: float) -> str:
@@ -244,7 +253,7 @@ def preference_dataset(
     Held out: the same modules as the instruction data. Chosen never equals rejected."""
     pairs = docstring_pairs(stdlib_dir)
     pairs = stable_subset(pairs, max_examples, key=lambda p: p["name"])
-    rows = {"train": [], "test": []}
+    rows = {"train": [], "validation": []}
     for pair in pairs:
         kind = REJECTION_KINDS[_stable_index(pair["name"] + "/kind", len(REJECTION_KINDS))]
         rejected = _rejected(pair, kind, pairs)
@@ -260,9 +269,9 @@ def preference_dataset(
                 "rejected": [{"role": "assistant", "content": rejected}],
             }
         )
-    if not rows["train"] or not rows["test"]:
+    if not rows["train"] or not rows["validation"]:
         raise ValueError(
-            f"the preference data has {len(rows['train'])} train and {len(rows['test'])} held-out "
+            f"the preference data has {len(rows['train'])} train and {len(rows['validation'])} held-out "
             f"pairs; use more modules or a larger val_fraction"
         )
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
@@ -299,7 +308,7 @@ def verifiable_dataset(
         for b in range(ARITHMETIC_MAX + 1)
     ]
     questions = stable_subset(questions, max_examples, key=lambda q: q[0])
-    rows = {"train": [], "test": []}
+    rows = {"train": [], "validation": []}
     for id_, kind, question, answer, completion in questions:
         rows[held_out_split("verifiable/" + id_, val_fraction)].append(
             {
@@ -310,9 +319,9 @@ def verifiable_dataset(
                 "completion": [{"role": "assistant", "content": completion}],
             }
         )
-    if not rows["train"] or not rows["test"]:
+    if not rows["train"] or not rows["validation"]:
         raise ValueError(
-            f"the verifiable data has {len(rows['train'])} train and {len(rows['test'])} held-out "
+            f"the verifiable data has {len(rows['train'])} train and {len(rows['validation'])} held-out "
             f"questions; use more modules or a larger val_fraction"
         )
     return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
@@ -393,9 +402,4 @@ def load_preference_dataset(
                 }
             )
         splits[split] = datasets.Dataset.from_list(fixed)
-    if "test" not in splits:
-        first = splits[next(iter(splits))]
-        splits = first.train_test_split(test_size=val_fraction, seed=0)
-    if max_examples is not None:
-        splits["train"] = splits["train"].select(range(min(max_examples, len(splits["train"]))))
-    return datasets.DatasetDict({"train": splits["train"], "test": splits["test"]})
+    return train_and_held_out(splits, val_fraction, max_examples)

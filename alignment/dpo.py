@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_preference_dataset(options.data, max_examples=options.max_examples)  # bad rows fail before loading
     data = data.map(explicit_prompt)
     model, reference, peft_config, tokenizer = load_models(options, config)
-    held_out = list(data["test"].select(range(min(options.eval_examples, len(data["test"])))))
+    held_out = list(data["validation"].select(range(min(options.eval_examples, len(data["validation"])))))
 
     start = time.perf_counter()
     trainer = train(model, reference, peft_config, tokenizer, data["train"], config)

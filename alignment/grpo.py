@@ -40,7 +40,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import tiny_hf
 from alignment import check_at_least_one, lora_config, place_trainer_output, trl_defaults, write_summary
-from alignment.data import exact_match_reward, partial_credit_reward, preference_dataset, verifiable_dataset
+from alignment.data import (
+    exact_match_reward,
+    partial_credit_reward,
+    preference_dataset,
+    train_and_held_out,
+    verifiable_dataset,
+)
 from tiny_hf.chat import chat_generate, end_of_turn_ids
 from tiny_hf.options import parse_options
 from tiny_hf.results import markdown_cell
@@ -177,9 +183,7 @@ def load_verifiable(spec: str, max_examples: int | None) -> datasets.DatasetDict
         loaded = datasets.load_dataset("json", data_files=files)["train"]
         if missing := {"prompt", "answer"} - set(loaded.column_names):
             raise ValueError(f"--data {spec}: rows need 'prompt' and 'answer'; {sorted(missing)} missing")
-        data = loaded.train_test_split(test_size=0.1, seed=0)
-        if max_examples is not None:
-            data["train"] = data["train"].select(range(min(max_examples, len(data["train"]))))
+        data = train_and_held_out({"train": loaded}, 0.1, max_examples)
     return datasets.DatasetDict({split: ds.select_columns(["prompt", "answer"]) for split, ds in data.items()})
 
 
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_verifiable(options.data, options.max_examples)
     model, tokenizer, dtype = load_policy(options, config)
     rewards = reward_functions(options, config, dtype)
-    held_out = list(data["test"].select(range(min(options.eval_examples, len(data["test"])))))
+    held_out = list(data["validation"].select(range(min(options.eval_examples, len(data["validation"])))))
 
     start = time.perf_counter()
     before = exact_match(model, tokenizer, held_out, config.max_completion_length)

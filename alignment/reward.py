@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_preference_dataset(options.data, max_examples=options.max_examples)  # bad rows fail before loading
     model, tokenizer, peft_config = load_model(options, config)
     check_lengths(tokenizer, data["train"], config.max_length)
-    held_out = list(data["test"])
+    held_out = list(data["validation"])
 
     start = time.perf_counter()
     before = pairwise_accuracy(model, tokenizer, held_out, config.max_length)

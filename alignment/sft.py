@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     options, config = parse_args(argv)
     model, tokenizer = load_model(options, config)
     data = load_chat_dataset(options.data, max_examples=options.max_examples)
-    held_out = held_out_sets(data["test"], options.eval_examples)
+    held_out = held_out_sets(data["validation"], options.eval_examples)
 
     start = time.perf_counter()
     before = evaluate(model, tokenizer, held_out, options)

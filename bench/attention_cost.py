@@ -5,8 +5,8 @@ Each (implementation, length) runs in its own child process, so its peak residen
 the parent only collects. Eager attention materialises the (heads, T, T) score matrix, so its memory grows with T^2
 and it is skipped where that matrix alone would pass `--eager-limit-gb`; SDPA's fused kernel does not keep it.
 
-    python bench/attention_cost.py                        # CPU: 1k..16k tokens, 2 layers, 256 wide
-    python bench/attention_cost.py --device cuda --lengths 1024,4096,16384,65536
+    tiny-hf bench attention-cost                        # CPU: 1k..16k tokens, 2 layers, 256 wide
+    tiny-hf bench attention-cost --device cuda --lengths 1024,4096,16384,65536
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ All models live in one process and are timed round-robin (model A, B, C, A, B, C
 speed hits every model alike. One step = forward with labels, backward, AdamW step. Figures are tokens/s (batch x
 sequence length / median step time); quote the ratios, absolute figures hold only for this machine.
 
-    python bench/model_speed.py                                   # CPU, ~14M params, fp32
-    python bench/model_speed.py --device cuda --preset gpt2-small --seq-len 1024 --batch 16 --dtype bf16 --compile
+    tiny-hf bench model-speed                                   # CPU, ~14M params, fp32
+    tiny-hf bench model-speed --device cuda --preset gpt2-small --seq-len 1024 --batch 16 --dtype bf16 --compile
 """
 
 from __future__ import annotations

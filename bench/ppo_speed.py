@@ -7,7 +7,7 @@
 2. The step split: a short real PPO run (`alignment/ppo.main`) and the median seconds of rollout, scoring and update
    from its metrics.jsonl.
 
-    python bench/ppo_speed.py --model runs/sft          # the SFT run PPO starts from (or a random tiny-3m)
+    tiny-hf bench ppo-speed --model runs/sft          # the SFT run PPO starts from (or a random tiny-3m)
 """
 
 from __future__ import annotations

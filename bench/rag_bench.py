@@ -15,8 +15,8 @@ Three tables:
 
 Quote ratios: absolute times hold only for this machine and its load.
 
-    python bench/rag_bench.py                         # ~8 minutes on 2 loaded cores
-    python bench/rag_bench.py --max-docs 0 --device cuda --results bench/results
+    tiny-hf bench rag                         # ~8 minutes on 2 loaded cores
+    tiny-hf bench rag --max-docs 0 --device cuda --results bench/results
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@
 3. Under load, through the real HTTP server and the official `openai` client (streaming): 64 requests, 16 at a time;
    time to first token and request latency, p50 and p99.
 
-    python bench/serve_speed.py                                  # CPU, the tiny-3m preset (the demo's model)
-    python bench/serve_speed.py --model runs/demo                # a trained run folder
-    python bench/serve_speed.py --device cuda --preset gpt2-small --dtype bf16
+    tiny-hf bench serve-speed                                  # CPU, the tiny-3m preset (the demo's model)
+    tiny-hf bench serve-speed --model runs/demo                # a trained run folder
+    tiny-hf bench serve-speed --device cuda --preset gpt2-small --dtype bf16
 
 Quote the ratios: absolute figures hold only for the machine in the results file.
 """

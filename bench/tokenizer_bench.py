@@ -6,8 +6,8 @@ of validation documents with decode(encode(x)) == x); for ours also encode throu
 the Rust tokenizer built from our merges, and whether their ids are identical. The Rust trainers use every core
 (rayon); ours runs on one. Quote the ratios: absolute times hold only for this machine.
 
-    python bench/tokenizer_bench.py                       # embedded corpus, vocab 4096 and 8192
-    python bench/tokenizer_bench.py --vocab-sizes 8192 --data data/corpus
+    tiny-hf bench tokenizer                       # embedded corpus, vocab 4096 and 8192
+    tiny-hf bench tokenizer --vocab-sizes 8192 --data data/corpus
 
 (Not named `tokenizers.py`: scripts here run with bench/ first on sys.path, where that name would shadow the
 `tokenizers` library for every bench script.)

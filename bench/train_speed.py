@@ -5,8 +5,8 @@ The bare step is what the loop cannot avoid: forward, loss, backward, gradient c
 what the pipeline costs; the goal is to lose at most 10% of the bare throughput. Rounds alternate bare and pipeline
 so drift in machine speed hits both alike.
 
-    python bench/train_speed.py                      # CPU, tiny-3m, batch 16 x 256
-    python bench/train_speed.py --preset gpt2-small --batch 16 --block-size 1024 --compile   # on a GPU
+    tiny-hf bench train-speed                      # CPU, tiny-3m, batch 16 x 256
+    tiny-hf bench train-speed --preset gpt2-small --batch 16 --block-size 1024 --compile   # on a GPU
 """
 
 from __future__ import annotations

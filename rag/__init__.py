@@ -3,7 +3,7 @@
 Chunk documents with the encoder's own tokenizer (`chunking`), score them with BM25 built on scipy.sparse (`bm25`,
 parity with bm25s and rank_bm25) and with mean-pooled sentence embeddings searched exactly by a matrix product
 (`dense`), fuse both by reciprocal rank fusion, and keep it all in an index folder of JSON + safetensors (`index`).
-Entry scripts: `python -m rag.index` (build) and `python -m rag.search` (query).
+Entry scripts: `tiny-hf index` (build) and `tiny-hf search` (query).
 """
 
 import importlib

@@ -18,8 +18,8 @@ the answer that names one of them).
 set: the reference is the qualified name for a docstring question, the sentence for a topic one), by exact match
 and ROUGE-L from the local evaluate metric tiny_hf/metrics/rouge_l.py.
 
-CLI: `python -m rag.answer --index DIR --model runs/demo "How do I serialize an object to JSON?"`;
-`python -m rag.answer --index DIR --model runs/demo --measure 20` for the with/without comparison.
+CLI: `tiny-hf ask --index DIR --model runs/demo "How do I serialize an object to JSON?"`;
+`tiny-hf ask --index DIR --model runs/demo --measure 20` for the with/without comparison.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def grounded_prompt(
     if k < 1:
         raise ValueError(f"k={k} must be >= 1 passage")
     if len(index) == 0:
-        raise ValueError("the index is empty: add documents (python -m rag.index) before asking it")
+        raise ValueError("the index is empty: add documents (tiny-hf index) before asking it")
     budget = window - max_new_tokens
     if budget < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the {window}-token window")
@@ -345,7 +345,7 @@ def load_generator(name: str, *, device: str = "cpu"):
 @dataclass
 class AnswerOptions:
     # ---- index and generator ----
-    index: str = field(metadata={"help": "an index folder written by `python -m rag.index`"})
+    index: str = field(metadata={"help": "an index folder written by `tiny-hf index`"})
     model: str = field(metadata={"help": "a run folder, model folder or Hub id of a causal LM"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     # ---- retrieval and generation ----

@@ -29,7 +29,7 @@ relevance grade) and a log2(rank + 1) discount, divided by the ideal DCG of the 
 queries. Ties in score are broken by the lower chunk index (trec_eval breaks them by document name; any fixed rule
 makes runs repeatable, and it matters: see the tests).
 
-CLI: `python -m rag.evaluate --index DIR` (an index built by rag.index) or `python -m rag.evaluate --data embedded
+CLI: `tiny-hf rag-eval --index DIR` (an index built by rag.index) or `tiny-hf rag-eval --data embedded
 --max-docs 60` (builds a small index in memory, on a fixed pseudo-random sample of documents).
 """
 
@@ -446,7 +446,7 @@ def format_table(results: dict[str, dict], *, ks: Sequence[int] = DEFAULT_KS) ->
 @dataclass
 class EvaluateOptions:
     # ---- index (load one, or build a small one in memory) ----
-    index: str | None = field(default=None, metadata={"help": "an index folder written by `python -m rag.index`"})
+    index: str | None = field(default=None, metadata={"help": "an index folder written by `tiny-hf index`"})
     data: str = field(default="embedded", metadata={"help": "without --index: 'embedded', 'topics', a file or folder"})
     max_docs: int = field(default=60, metadata={"help": "without --index: a fixed sample of N documents (0: all)"})
     chunk_size: int = field(default=200, metadata={"help": "without --index: tokens per chunk"})

@@ -19,7 +19,7 @@ Hybrid search fuses the BM25 and dense rankings with reciprocal rank fusion (Cor
 1 / (k + rank(d)), ranks from 1, k = 60. It needs no score calibration between the two retrievers, which is why it is
 the usual default.
 
-CLI: `python -m rag.index --data embedded|PATH --out DIR [--encoder PATH] [--chunk-size 200] [--overlap 32]`
+CLI: `tiny-hf index --data embedded|PATH --out DIR [--encoder PATH] [--chunk-size 200] [--overlap 32]`
 (`--append` adds documents to the index at --out, `--delete ID ...` removes some).
 """
 

@@ -1,6 +1,6 @@
 """Search an index folder built by `rag.index`: BM25, dense, or hybrid (reciprocal rank fusion of both).
 
-CLI: `python -m rag.search --index DIR "query" [--mode bm25|dense|hybrid] [-k 5] [--prefix topic/]
+CLI: `tiny-hf search --index DIR "query" [--mode bm25|dense|hybrid] [-k 5] [--prefix topic/]
 [--where source=pydoc_topics] [--json]`. BM25 searches never load the encoder; dense and hybrid ones load the encoder
 recorded in the index (or `--encoder`) and refuse one that does not match it.
 """
@@ -42,7 +42,7 @@ def where_filter(pairs: list[str]) -> dict | None:
 @dataclass
 class SearchOptions:
     # ---- index ----
-    index: str = field(metadata={"help": "an index folder written by `python -m rag.index`"})
+    index: str = field(metadata={"help": "an index folder written by `tiny-hf index`"})
     encoder: str | None = field(default=None, metadata={"help": "model folder (default: the index's own encoder)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     # ---- ranking ----

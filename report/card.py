@@ -1,8 +1,8 @@
 """`make report`: one Markdown report card of the whole stack, with plots, in `report/REPORT.md`.
 
-    python -m report.card                  # gather from runs/ and bench/results; run what is missing
-    python -m report.card --quick          # a tiny model for a few steps + the committed results (< 5 min)
-    python -m report.card --quick -- --data notes/ --tokenizer my-tokenizer   # extra pretrain.py flags
+    tiny-hf report                  # gather from runs/ and bench/results; run what is missing
+    tiny-hf report --quick          # a tiny model for a few steps + the committed results (< 5 min)
+    tiny-hf report --quick -- --data notes/ --tokenizer my-tokenizer   # extra pretrain.py flags
 
 Sections: machine and versions; corpus and tokenizer (bytes per token against WordPiece and Unigram); training
 curves and ablations; validation loss and bits per byte; fine-tuning, SFT and the alignment table; quantization and
@@ -326,7 +326,7 @@ def tokenizer_section(card: Card, ctx: dict) -> Section:
         return Section(
             "Corpus and tokenizer",
             "none",
-            ["No pretraining run and no committed `tokenizers.md`: run `python bench/tokenizer_bench.py`."],
+            ["No pretraining run and no committed `tokenizers.md`: run `tiny-hf bench tokenizer`."],
         )
     return Section("Corpus and tokenizer", "; ".join(sources), body)
 
@@ -594,20 +594,20 @@ def compression_section(card: Card, ctx: dict) -> Section:
         body += card.embed(path, "quantization")
         sources.append(f"this run ({card.link(path)})" if path == own else committed(card, path))
     else:
-        body += ["No quantization results: run `python training/quantize.py --model runs/demo`."]
+        body += ["No quantization results: run `tiny-hf quantize --model runs/demo`."]
     path = results_file(ctx["results"], "pruning.md")
     if path is not None:
         body += [""] + card.embed(path, "pruning")
         sources.append(committed(card, path))
     else:
-        body += ["", "No pruning results: run `python training/prune.py --model runs/demo`."]
+        body += ["", "No pruning results: run `tiny-hf prune --model runs/demo`."]
     return Section("Quantization and pruning", "; ".join(sources) or "none", body)
 
 
 def serving_section(card: Card, ctx: dict) -> Section:
     path = results_file(ctx["results"], "serve_speed_cpu.md")
     if path is None:
-        return Section("Serving speed", "none", ["No serving results: run `python bench/serve_speed.py`."])
+        return Section("Serving speed", "none", ["No serving results: run `tiny-hf bench serve-speed`."])
     figures = json.loads(path.with_suffix(".json").read_text())
     labels, ours, peer = [], [], []
     batch1 = figures.get("batch1", {})
@@ -638,7 +638,7 @@ def serving_section(card: Card, ctx: dict) -> Section:
 def rag_section(card: Card, ctx: dict) -> Section:
     path = results_file(ctx["results"], "rag.md")
     if path is None:
-        return Section("RAG recall", "none", ["No retrieval results: run `python bench/rag_bench.py`."])
+        return Section("RAG recall", "none", ["No retrieval results: run `tiny-hf bench rag`."])
     quality = json.loads(path.with_suffix(".json").read_text())["quality"]
     names = {
         "bm25": "BM25 (ours)",
@@ -673,7 +673,7 @@ def long_context_section(card: Card, ctx: dict) -> Section:
         return Section(
             "Long context",
             "none",
-            ["No long-context results: run `python training/long_context.py --model runs/demo`."],
+            ["No long-context results: run `tiny-hf long-context --model runs/demo`."],
         )
     figures = json.loads(path.with_suffix(".json").read_text())
     variants = figures["variants"]

@@ -126,7 +126,7 @@ def test_best_of_n_keeps_the_reward_models_favourite(tiny_lm_dir, runs, small_ta
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     judge = compare.Judge(str(runs / "reward"), 256)
     monkeypatch.setattr(judge, "scores", lambda rows, answers: [float(len(a)) for a in answers])
-    rows = list(compare.preference_dataset()["test"])[:4]
+    rows = list(compare.preference_dataset()["validation"])[:4]
     samples = [r.text for r in compare.sample(model, tokenizer, rows, max_new_tokens=6, seed=0, n=3)]
     best = compare.best_of_n(model, tokenizer, judge, rows, args)
     for i, answer in enumerate(best["docs_answers"]):

@@ -22,8 +22,8 @@ def test_preference_pairs_are_deterministic_distinct_and_held_out_like_sft(small
     again = preference_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
     assert ds["train"]["rejected"] == again["train"]["rejected"]
     sft = instruction_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
-    assert set(ds["test"]["module"]) == set(sft["test"]["module"])
-    assert not set(ds["train"]["module"]) & set(ds["test"]["module"])
+    assert set(ds["validation"]["module"]) == set(sft["validation"]["module"])
+    assert not set(ds["train"]["module"]) & set(ds["validation"]["module"])
     pairs = docstring_pairs(str(small_stdlib))
     answers = {p["name"]: p["answer"] for p in pairs}
     kinds = set()
@@ -45,9 +45,9 @@ def test_preference_pairs_are_deterministic_distinct_and_held_out_like_sft(small
 
 def test_verifiable_questions_have_one_right_answer(small_stdlib):
     ds = verifiable_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
-    rows = list(ds["train"]) + list(ds["test"])
-    assert ds["test"].num_rows and not set(ds["train"]["id"]) & set(ds["test"]["id"])
-    assert set(ds["test"]["kind"]) == {"module", "arithmetic"}
+    rows = list(ds["train"]) + list(ds["validation"])
+    assert ds["validation"].num_rows and not set(ds["train"]["id"]) & set(ds["validation"]["id"])
+    assert set(ds["validation"]["kind"]) == {"module", "arithmetic"}
     sums = [row for row in rows if row["kind"] == "arithmetic"]
     assert len(sums) == 31 * 31 and all(row["prompt"][0]["content"].startswith("What is ") for row in sums)
     assert next(row for row in sums if row["id"] == "add/17+25")["answer"] == "42"
@@ -95,9 +95,11 @@ def test_sft_data_mixes_docs_and_the_verifiable_answer_format(small_stdlib):
     from alignment.data import embedded_chat_dataset
 
     ds = embedded_chat_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
-    for split in ("train", "test"):
+    for split in ("train", "validation"):
         assert set(ds[split]["task"]) == {"docs", "verifiable"}, split
     row = next(r for r in ds["train"] if r["task"] == "verifiable")
     assert row["messages"][-1] == {"role": "assistant", "content": f"`{row['module']}`"}
     verifiable = verifiable_dataset(stdlib_dir=str(small_stdlib))
-    assert sorted(r["id"] for r in ds["test"] if r["task"] == "verifiable") == sorted(verifiable["test"]["id"])
+    assert sorted(r["id"] for r in ds["validation"] if r["task"] == "verifiable") == sorted(
+        verifiable["validation"]["id"]
+    )

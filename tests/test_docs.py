@@ -478,7 +478,6 @@ def test_demo_runs_tiny(corpus, tmp_path):
             "2",
             "--max-new-tokens",
             "2",
-            "--",
             "--data",
             str(corpus),
             "--model",

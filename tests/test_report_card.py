@@ -115,7 +115,7 @@ def test_missing_sources_are_said_plainly(workspace, tmp_path):
     summary = quick(workspace, out, results, "--train-out", str(tmp_path / "run"))
     text = (out / "REPORT.md").read_text()
     assert summary["failed"] == [] and summary["sections"] == TITLES
-    assert "No serving results: run `python bench/serve_speed.py`" in text
+    assert "No serving results: run `tiny-hf bench serve-speed`" in text
     assert "No long-context results" in text and "No pruning results" in text
     assert "has not been run: no `alignment.md`" in text
     assert "not run (no `sft/summary.json`)" in text

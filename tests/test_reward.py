@@ -50,7 +50,7 @@ def test_preference_rows_are_checked_before_training(tmp_path):
     ds = load_preference_dataset(str(path))  # strings become conversations; no test split: one is made
     assert ds["train"][0]["prompt"] == [{"role": "user", "content": "Q?"}]
     assert ds["train"][0]["rejected"] == [{"role": "assistant", "content": "B."}]
-    assert ds["test"].num_rows == 1
+    assert ds["validation"].num_rows == 1
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def test_reward_model_learns_held_out_preferences_and_loads_without_tiny_hf(tiny
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    held_out = list(load_preference_dataset(str(data))["test"])
+    held_out = list(load_preference_dataset(str(data))["validation"])
     conversations = [r["prompt"] + r["chosen"] for r in held_out]
     expected = reward.rewards(model, tokenizer, conversations, 128).tolist()
     (tmp_path / "expected.json").write_text(json.dumps({"conversations": conversations, "scores": expected}))

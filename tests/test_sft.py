@@ -24,7 +24,7 @@ def test_pairs_and_split_are_deterministic_and_held_out_by_module(small_stdlib):
     assert "JSON formatted" in dumps["answer"] and "json.dumps" in dumps["question"]
     assert not any(p["name"].split(".")[-1].startswith("_") for p in pairs)
     ds = instruction_dataset(val_fraction=0.3, stdlib_dir=str(small_stdlib))
-    train_modules, test_modules = set(ds["train"]["module"]), set(ds["test"]["module"])
+    train_modules, test_modules = set(ds["train"]["module"]), set(ds["validation"]["module"])
     assert train_modules and test_modules and not train_modules & test_modules
     assert [m["role"] for m in ds["train"][0]["messages"]] == ["user", "assistant"]
 
@@ -36,7 +36,7 @@ def test_load_chat_dataset_reads_local_files_and_names_bad_columns(tmp_path):
     ]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ds = load_chat_dataset(str(tmp_path / "chats.jsonl"), val_fraction=0.25)
-    assert len(ds["train"]) == 15 and len(ds["test"]) == 5
+    assert len(ds["train"]) == 15 and len(ds["validation"]) == 5
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x"}))
     with pytest.raises(ValueError, match="need 'messages' or 'prompt' \\+ 'completion'"):
         load_chat_dataset(str(tmp_path / "bad.jsonl"))

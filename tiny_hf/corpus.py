@@ -5,12 +5,11 @@ standard library, read with `ast` from the source files (never imported: importi
 Python 3.11 this gives about 2.5 MB of text in ~670 documents, enough to train an 8k BPE vocabulary and a tiny
 language model on CPU. The text depends on the Python version, which `meta.json` records.
 
-CLI: `python -m tiny_hf.corpus --out data/corpus [--include-code] [--val-fraction 0.05]`.
+CLI: `tiny-hf corpus --out data/corpus [--include-code] [--val-fraction 0.05]`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import gc
 import hashlib
@@ -21,6 +20,7 @@ import sysconfig
 import tokenize
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .system import write_atomic
@@ -179,20 +179,19 @@ def iter_texts(path: str | os.PathLike) -> Iterator[str]:
             yield json.loads(line)["text"]
 
 
+@dataclass
+class CorpusOptions:
+    out: str = field(default="data/corpus", metadata={"help": "folder for train/validation .jsonl/.txt + meta.json"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of documents held out"})
+    include_code: bool = field(default=False, metadata={"help": "also add the raw source of each module"})
+    max_bytes: int = field(default=DEFAULT_MAX_BYTES, metadata={"help": "cap on the total text size; 0 for no cap"})
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # ---- output ----
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", default="data/corpus", help="folder for train/validation .jsonl/.txt + meta.json")
-    out.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
-    # ---- content ----
-    content = parser.add_argument_group("content")
-    content.add_argument("--include-code", action="store_true", help="also add the raw source of each module")
-    content.add_argument(
-        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on the total text size; 0 for no cap"
-    )
-    args = parser.parse_args(argv)
-    meta = write_corpus(args.out, args.include_code, args.val_fraction, args.max_bytes or None)
+    from .options import parse_options
+
+    (options,) = parse_options(CorpusOptions, argv=argv, description=__doc__.split("\n\n")[0])
+    meta = write_corpus(options.out, options.include_code, options.val_fraction, options.max_bytes or None)
     print(json.dumps(meta, indent=2))
     return meta
 

@@ -5,75 +5,55 @@
    folder: the exported model + tokenizer, metrics, TensorBoard logs, checkpoints, loss curve and summary.
 2. The exported folder is loaded back through AutoModelForCausalLM / AutoTokenizer and prompted.
 
-Every pretraining flag can be added after `--`: `python -m training.demo -- --max-steps 1000 --model tiny-10m`.
+Every pretraining option can be given too (`tiny-hf pretrain --help`):
+`tiny-hf demo --max-steps 1000 --model tiny-10m`.
 """
 
 from __future__ import annotations
 
-import argparse
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tiny_hf.options import parse_options
 from training import pretrain
 
 PROMPTS = ["The json module", "A dictionary is", "To read a file, use", "The return statement"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", type=Path, default=Path("runs/demo"))
-    run.add_argument("--max-steps", type=int, default=600)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--fresh", action="store_true", help="delete an earlier demo run first (else it resumes)")
-    sample = parser.add_argument_group("samples")
-    sample.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("pretrain_args", nargs="*", help="extra training/pretrain.py flags, after --")
-    return parser.parse_args(argv)
+@dataclass
+class DemoOptions:
+    fresh: bool = field(default=False, metadata={"help": "delete an earlier demo run first (else it resumes)"})
+    max_new_tokens: int = field(default=40, metadata={"help": "tokens per sample of the reloaded model"})
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.fresh and args.out.exists():
-        import shutil
+# The demo's pretraining budget, where it differs from pretraining's defaults: tiny-3m with 128-token blocks, ~2.5M
+# tokens in ~10 minutes on 2 CPU cores (about four passes over the corpus), resuming an interrupted demo.
+PRETRAIN_DEFAULTS = {
+    "model": "tiny-3m",
+    "block_size": 128,
+    "batch_size": 32,
+    "max_steps": 600,
+    "out": Path("runs/demo"),
+    "resume": True,
+}
 
-        shutil.rmtree(args.out)
-    start = time.perf_counter()
-    # tiny-3m with 128-token blocks: ~2.5M tokens in ~10 minutes on 2 CPU cores, about four passes over the corpus.
-    summary = pretrain.main(
-        [
-            "--data",
-            "embedded",
-            "--model",
-            "tiny-3m",
-            "--block-size",
-            "128",
-            "--batch-size",
-            "32",
-            "--max-steps",
-            str(args.max_steps),
-            "--lr",
-            "3e-3",
-            "--warmup-steps",
-            "30",
-            "--eval-every",
-            "100",
-            "--save-every",
-            "100",
-            "--seed",
-            str(args.seed),
-            "--out",
-            str(args.out),
-            "--resume",
-            *args.pretrain_args,
-        ]
+
+def main(argv: list[str] | None = None) -> dict:
+    demo, options = parse_options(
+        DemoOptions, pretrain.PretrainOptions, argv=argv, description=__doc__, defaults=PRETRAIN_DEFAULTS
     )
+    if demo.fresh and options.out.exists():
+        shutil.rmtree(options.out)
+    start = time.perf_counter()
+    summary = pretrain.train(options)
     minutes = (time.perf_counter() - start) / 60
 
-    model_dir = args.out / "model"
+    model_dir = options.out / "model"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     print(
@@ -84,13 +64,13 @@ def main(argv=None) -> dict:
         f"Validation loss {summary['val_loss']:.3f}, perplexity {summary['val_perplexity']:.1f}, "
         f"{summary['val_bits_per_byte']:.3f} bits per byte, after {minutes:.1f} minutes.\n"
     )
-    torch.manual_seed(args.seed)
+    torch.manual_seed(options.seed)
     samples = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         out = model.generate(
             ids,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=demo.max_new_tokens,
             do_sample=True,
             top_k=40,
             temperature=0.7,
@@ -100,10 +80,10 @@ def main(argv=None) -> dict:
         samples.append(tokenizer.decode(out[0], skip_special_tokens=True))
         print(f"  {samples[-1]!r}")
     print(
-        f"\nRun folder: {args.out} (summary.md, loss_curve.png, metrics.jsonl; TensorBoard: tensorboard --logdir "
-        f"{args.out / 'tb'})\n"
-        f"Chat with it in the browser:  python -m app.demo --model {args.out}      (http://127.0.0.1:7860)\n"
-        f"Serve it (OpenAI API):        python -m app.server --model {args.out}    (http://127.0.0.1:8000/v1)"
+        f"\nRun folder: {options.out} (summary.md, loss_curve.png, metrics.jsonl; TensorBoard: tensorboard --logdir "
+        f"{options.out / 'tb'})\n"
+        f"Chat with it in the browser:  tiny-hf chat --model {options.out}     (http://127.0.0.1:7860)\n"
+        f"Serve it (OpenAI API):        tiny-hf serve --model {options.out}    (http://127.0.0.1:8000/v1)"
     )
     return {**summary, "samples": samples}
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 import tiny_hf  # registers the Auto classes
+from tiny_hf.corpus import stable_fraction
 from tiny_hf.lora import find_linear
 from tiny_hf.options import parse_options
 from tiny_hf.quantization import bnb_cpu_blocks
@@ -268,7 +268,8 @@ def check_quantized_targets(model, targets: list[str]) -> None:
 
 # --- data ------------------------------------------------------------------------------------------------------------
 def sentiment_dataset() -> datasets.DatasetDict:
-    """768 synthetic reviews (12 subjects x 16 adjectives x 4 templates), split 80/20 by a hash of the text."""
+    """768 synthetic reviews (12 subjects x 16 adjectives x 4 templates), split 80/20 by a hash of the text
+    (`tiny_hf.corpus.stable_fraction`)."""
     rows = {"train": {"text": [], "label": []}, "validation": {"text": [], "label": []}}
     for label, adjectives in ((1, POSITIVE), (0, NEGATIVE)):
         for subject in SUBJECTS:
@@ -276,7 +277,7 @@ def sentiment_dataset() -> datasets.DatasetDict:
                 for template in TEMPLATES:
                     text = template.format(s=subject, a=adjective)
                     text = text[0].upper() + text[1:]
-                    split = "validation" if zlib.crc32(text.encode()) % 5 == 0 else "train"
+                    split = "validation" if stable_fraction(text) < 0.2 else "train"
                     rows[split]["text"].append(text)
                     rows[split]["label"].append(label)
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(columns) for split, columns in rows.items()})

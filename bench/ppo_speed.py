@@ -71,26 +71,18 @@ def rollout_speed(args: argparse.Namespace, path: str) -> dict:
 
 def step_split(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        ppo.main(
-            [
-                "--model",
-                args.model,
-                "--reward-fn",
-                "exact_match",
-                "--task",
-                "verifiable",
-                "--out",
-                tmp,
-                "--max-steps",
-                str(args.ppo_steps),
-                "--batch-size",
-                str(args.batch_size),
-                "--max-new-tokens",
-                str(args.new_tokens),
-                "--no-progress",
-                "--save-every",
-                str(10**6),
-            ]
+        ppo.train(
+            ppo.PPOOptions(
+                model=args.model,
+                reward_fn=["exact_match"],
+                task="verifiable",
+                out=Path(tmp),
+                max_steps=args.ppo_steps,
+                batch_size=args.batch_size,
+                max_new_tokens=args.new_tokens,
+                no_progress=True,
+                save_every=10**6,
+            )
         )
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     return {key: statistics.median(r[key] for r in records) for key in ppo.TIMING_KEYS}

@@ -34,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     shape.add_argument("--preset", default="tiny-3m")
     shape.add_argument("--batch", type=int, default=16)
     shape.add_argument("--block-size", type=int, default=256)
+    shape.add_argument("--vocab-size", type=int, default=8192, help="of the tokenizer trained for the runs")
     run = parser.add_argument_group("run")
     run.add_argument("--steps", type=int, default=40, help="steps per measurement")
     run.add_argument("--rounds", type=int, default=2)
@@ -72,40 +73,38 @@ def bare_tokens_per_s(config: TinyConfig, args: argparse.Namespace, device: torc
     return args.batch * args.block_size / statistics.median(times)
 
 
+def run_options(args: argparse.Namespace, out: Path, **fields) -> pretrain.PretrainOptions:
+    """Pretraining's options for a measured run of `args`' shape and data (plus `fields`)."""
+    return pretrain.PretrainOptions(
+        data=args.data,
+        cache_dir=args.cache_dir,
+        model=args.preset,
+        vocab_size=args.vocab_size,
+        block_size=args.block_size,
+        out=out,
+        no_progress=True,
+        **fields,
+    )
+
+
 def pipeline_tokens_per_s(args: argparse.Namespace, tokenizer_dir: Path, work: Path, round_: int) -> float:
     """Median tokens/s over pretrain.py's logging windows (each covers everything the loop does between logs)."""
     out = work / f"run-{round_}"
-    argv = [
-        "--data",
-        args.data,
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--cache-dir",
-        str(args.cache_dir),
-        "--model",
-        args.preset,
-        "--block-size",
-        str(args.block_size),
-        "--batch-size",
-        str(args.batch),
-        "--max-steps",
-        str(args.steps + 5),
-        "--log-every",
-        "5",
-        "--eval-every",
-        "100000",
-        "--save-every",
-        "100000",
-        "--eval-blocks",
-        "4",
-        "--sample-tokens",
-        "1",
-        "--out",
-        str(out),
-    ]
-    if args.compile:
-        argv.append("--compile")
-    pretrain.main(argv)
+    pretrain.train(
+        run_options(
+            args,
+            out,
+            tokenizer=str(tokenizer_dir),
+            batch_size=args.batch,
+            max_steps=args.steps + 5,
+            log_every=5,
+            eval_every=100000,
+            save_every=100000,
+            eval_blocks=4,
+            sample_tokens=1,
+            compile=args.compile,
+        )
+    )
     windows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [w["tokens_per_s"] for w in windows if "tokens_per_s" in w][1:]  # the first window includes warmup
     return statistics.median(rates)
@@ -118,29 +117,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         # Train the tokenizer once (a one-off cost, not a per-step one), then reuse it in every run.
-        pretrain.main(
-            [
-                "--data",
-                args.data,
-                "--cache-dir",
-                str(args.cache_dir),
-                "--model",
-                args.preset,
-                "--max-steps",
-                "1",
-                "--block-size",
-                str(args.block_size),
-                "--batch-size",
-                "2",
-                "--eval-blocks",
-                "2",
-                "--sample-tokens",
-                "1",
-                "--out",
-                str(work / "setup"),
-                "--no-progress",
-            ]
-        )
+        setup = dict(max_steps=1, batch_size=2, eval_blocks=2, sample_tokens=1)
+        pretrain.train(run_options(args, work / "setup", **setup))
         tokenizer_dir = work / "setup" / "tokenizer"
         config = TinyConfig.from_preset(
             args.preset, vocab_size=json.loads((work / "setup" / "model" / "config.json").read_text())["vocab_size"]

@@ -53,66 +53,28 @@ VERSIONED = (
     "evaluate",
 )
 # --quick: a 2-layer, 64-wide model on 64-token blocks with a 2,048-token tokenizer, 40 steps (~1 minute on 2 cores).
-QUICK_PRETRAIN = [
-    "--data",
-    "embedded",
-    "--model",
-    "tiny-1m",
-    "--vocab-size",
-    "2048",
-    "--set",
-    "hidden_size=64",
-    "--set",
-    "num_hidden_layers=2",
-    "--set",
-    "num_attention_heads=4",
-    "--set",
-    "intermediate_size=128",
-    "--block-size",
-    "64",
-    "--batch-size",
-    "8",
-    "--warmup-steps",
-    "5",
-    "--eval-every",
-    "20",
-    "--eval-blocks",
-    "8",
-    "--log-every",
-    "5",
-    "--sample-tokens",
-    "16",
-    "--save-every",
-    "100000",
-]
+# Pretraining's options where these recipes differ from its defaults.
+QUICK_PRETRAIN = {
+    "model": "tiny-1m",
+    "vocab_size": 2048,
+    "set": ["hidden_size=64", "num_hidden_layers=2", "num_attention_heads=4", "intermediate_size=128"],
+    "block_size": 64,
+    "batch_size": 8,
+    "warmup_steps": 5,
+    "eval_every": 20,
+    "eval_blocks": 8,
+    "log_every": 5,
+    "sample_tokens": 16,
+    "save_every": 100000,
+}
 # Default mode, when there is no pretraining run: `make demo`'s recipe at a third of its steps (~3-5 minutes).
-SMALL_PRETRAIN = [
-    "--data",
-    "embedded",
-    "--model",
-    "tiny-3m",
-    "--block-size",
-    "128",
-    "--batch-size",
-    "32",
-    "--lr",
-    "3e-3",
-    "--warmup-steps",
-    "30",
-    "--eval-every",
-    "50",
-    "--save-every",
-    "100",
-]
-SMALL_QUANTIZE = [
-    "--variants",
-    "fp32,bf16,ours-int8-channel,ours-int4,ours-int4-all,bnb-int8,bnb-nf4",
-    "--eval-blocks",
-    "32",
-    "--decode-tokens",
-    "32",
-]
-SMALL_LONG_CONTEXT = ["--finetune-steps", "20", "--eval-blocks", "8", "--trials", "2"]
+SMALL_PRETRAIN = {"model": "tiny-3m", "block_size": 128, "batch_size": 32, "eval_every": 50}
+SMALL_QUANTIZE = {
+    "variants": "fp32,bf16,ours-int8-channel,ours-int4,ours-int4-all,bnb-int8,bnb-nf4",
+    "eval_blocks": 32,
+    "decode_tokens": 32,
+}
+SMALL_LONG_CONTEXT = {"finetune_steps": 20, "eval_blocks": 8, "trials": 2}
 
 
 @dataclass
@@ -723,25 +685,16 @@ def is_complete_run(run: Path) -> bool:
 
 
 def pretrain_run(args: CardOptions, train_out: Path) -> Path:
-    """Train a run into `train_out` (quick: the tiny config; default: make demo's recipe, fewer steps)."""
+    """Train a run into `train_out` (quick: the tiny config; default: make demo's recipe, fewer steps); the flags
+    after `--` override the recipe."""
     from training import pretrain
 
     recipe, steps = (QUICK_PRETRAIN, 40) if args.quick else (SMALL_PRETRAIN, 200)
     steps = args.max_steps or steps
     print(f"report: pretraining {steps} steps into {train_out}")
-    pretrain.main(
-        [
-            *recipe,
-            "--max-steps",
-            str(steps),
-            "--seed",
-            str(args.seed),
-            "--out",
-            str(train_out),
-            "--resume",
-            *args.pretrain_args,
-        ]
-    )
+    defaults = {**recipe, "max_steps": steps, "seed": args.seed, "out": train_out, "resume": True}
+    (options,) = parse_options(pretrain.PretrainOptions, argv=args.pretrain_args, defaults=defaults)
+    pretrain.train(options)
     return train_out
 
 
@@ -752,16 +705,16 @@ def run_missing_stages(run: Path, strict: bool) -> list[str]:
 
     rope = json.loads((run / "model" / "config.json").read_text()).get("position_embedding") == "rope"
     stages = [
-        ("quantization", quantize.main, SMALL_QUANTIZE, True),
-        ("long_context", long_context.main, SMALL_LONG_CONTEXT, rope),
+        ("quantization", quantize, quantize.QuantizeOptions(model=run, **SMALL_QUANTIZE), True),
+        ("long_context", long_context, long_context.LongContextOptions(model=str(run), **SMALL_LONG_CONTEXT), rope),
     ]
     ran = []
-    for name, stage_main, flags, applies in stages:
+    for name, stage, options, applies in stages:
         if not applies or (run / name / f"{name}.json").is_file():
             continue
         print(f"report: running {name} on {run}")
         try:
-            stage_main(["--model", str(run), *flags])
+            stage.run(options)
             ran.append(name.replace("_", " "))
         except Exception as error:
             if strict:

@@ -47,6 +47,7 @@ TINY_RUNS: dict[str, str] = {
     "bench/model_speed.py": "tests/test_docs.py::test_model_speed_runs_tiny",
     "bench/train_speed.py": "tests/test_docs.py::test_train_speed_runs_tiny",
     "bench/attention_cost.py": "tests/test_docs.py::test_attention_cost_runs_tiny",
+    "bench/ppo_speed.py": "tests/test_ppo.py::test_ppo_speed_bench_runs_tiny",
     "alignment/sft.py": "tests/test_sft.py::test_sft_lowers_the_held_out_loss_and_writes_the_report",
     "training/finetune.py": (
         "tests/test_finetune.py::test_causal_lm_lora_on_a_run_folder_improves_saves_reloads_and_merges"
@@ -597,16 +598,12 @@ def test_model_speed_runs_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_speed_runs_tiny(corpus, tmp_path, monkeypatch):
-    from training import pretrain
-
-    original, tiny = pretrain.parse_options, ["--vocab-size", "400", "--cpu"]
-    monkeypatch.setattr(
-        pretrain, "parse_options", lambda *types, argv, **kw: original(*types, argv=[*argv, *tiny], **kw)
-    )
+def test_train_speed_runs_tiny(corpus, tmp_path):
     bench = load_script("bench/train_speed.py")
     figures = bench.main(
         [
+            "--vocab-size",
+            "400",
             "--preset",
             "tiny-1m",
             "--batch",

@@ -387,3 +387,13 @@ def test_rollouts_without_tokens_fail_before_any_update(tiny_lm_dir, prompts, tm
         ppo.main(ppo_args(tiny_lm_dir, prompts, out))
     assert not (out / "checkpoints").exists() and not (out / "model").exists()
     assert read_metrics(out) == []
+
+
+@pytest.mark.slow
+def test_ppo_speed_bench_runs_tiny(tiny_lm_dir, tmp_path):
+    from bench import ppo_speed
+
+    argv = ["--model", str(tiny_lm_dir), "--batch-size", "8", "--new-tokens", "4", "--repeats", "1"]
+    figures = ppo_speed.main([*argv, "--ppo-steps", "1", "--out", str(tmp_path)])
+    assert figures["rollouts"]["engine_tokens_per_s"] > 0 and set(figures["step_split_s"]) == set(ppo.TIMING_KEYS)
+    assert (tmp_path / "ppo_speed_cpu.md").exists()

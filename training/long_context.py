@@ -321,8 +321,8 @@ def measure_variants(options: LongContextOptions, bench: Bench) -> dict:
     return variants
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (options,) = parse_options(LongContextOptions, argv=argv, description=__doc__)
+def run(options: LongContextOptions) -> dict:
+    """The stage with `options` (what `main` parses from the command line); returns its figures."""
     started = time.perf_counter()
     bench = load_bench(options)
     figures = {
@@ -345,6 +345,11 @@ def main(argv: list[str] | None = None) -> dict:
         write_results("long_context", figures, report, out)
     print(report)
     return figures
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (options,) = parse_options(LongContextOptions, argv=argv, description=__doc__)
+    return run(options)
 
 
 if __name__ == "__main__":

@@ -305,8 +305,8 @@ def measure_variant(name: str, model: torch.nn.Module, tokenizer, blocks, byte_l
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (options,) = parse_options(QuantizeOptions, argv=argv, description=__doc__)
+def run(options: QuantizeOptions) -> dict:
+    """The stage with `options` (what `main` parses from the command line); returns its figures."""
     if options.threads:
         torch.set_num_threads(options.threads)
     names = variant_names(options.variants)
@@ -347,6 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
         write_results("quantization", figures, table_md, options.results)
     print(table_md)
     return figures
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (options,) = parse_options(QuantizeOptions, argv=argv, description=__doc__)
+    return run(options)
 
 
 if __name__ == "__main__":

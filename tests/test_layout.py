@@ -1,6 +1,7 @@
 """The package as a user gets it: the import layers hold (and the check bites), and a non-editable install of the
 wheel in a fresh venv has every module, the `tiny-hf` command with every stage, and the metric scripts."""
 
+import ast
 import os
 import re
 import shutil
@@ -154,6 +155,22 @@ def test_the_wheel_installs_with_every_module_stage_and_metric(tmp_path):
     assert report["metrics"]["rouge_l"]["rougeL_f1"] == pytest.approx(2 / 3)
     assert report["metrics"]["lm"]["loss"] == 2.0
     assert (Path(wheel).stat().st_size) < 5_000_000  # the committed results and plots stay out of the wheel
+
+
+def test_no_module_runs_another_modules_main():
+    """A stage's `main(argv)` is its command line; code that runs a stage builds its options and calls the function
+    under it (`train(options)`, `run(options)`). Only tiny_hf/cli.py dispatches to `main`."""
+    offenders = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "tiny_hf" / "cli.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                called = isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "main"
+                imported = isinstance(node, ast.ImportFrom) and any(a.name == "main" for a in node.names)
+                if called or imported:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
 
 
 def test_cli_lists_the_stages_and_rejects_an_unknown_one(capsys):

@@ -72,6 +72,7 @@ from tiny_hf.options import parse_options
 from tiny_hf.runs import model_path
 from training.batches import global_batch_indices
 from training.checkpoint import (
+    StopRequest,
     load_optimizer,
     load_rng,
     load_weights,
@@ -706,9 +707,10 @@ def finish(run: PPORun) -> dict:
 
 
 def train(options: PPOOptions) -> dict:
-    """Run PPO with `options`; returns the summary."""
+    """Run PPO with `options`; returns the summary. SIGTERM stops it after the current step with a checkpoint, and
+    exits 0 (`--resume` continues it)."""
     run = setup(options)
-    with run.log:
+    with run.log, StopRequest() as stop:
         progress = tqdm(
             total=options.max_steps, initial=run.start_step, disable=options.no_progress, desc="ppo", unit="step"
         )
@@ -722,8 +724,12 @@ def train(options: PPOOptions) -> dict:
                 score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['response_length']:.1f}"
             )
             done = step + 1
-            if done % options.save_every == 0 or done == options.max_steps:
+            if done % options.save_every == 0 or done == options.max_steps or stop.requested:
                 save_checkpoint(run, done)
+            if stop.requested:
+                progress.close()
+                print(f"stopped by SIGTERM after step {done}, checkpoint written: --resume continues")
+                raise SystemExit(0)
         progress.close()
     return finish(run)
 

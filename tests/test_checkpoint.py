@@ -111,3 +111,66 @@ def test_the_log_is_cut_back_to_the_step_a_run_resumes_from(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     RunLog(tmp_path, start_step=0, active=False).log({"step": 9})  # not rank 0: nothing is cut or written
     assert read_metrics(tmp_path) == [{"step": 1}]
+
+
+# --- faults: each damaged checkpoint is skipped for the newest intact one --------------------------------------------
+def truncate(folder):
+    (folder / "weights").write_bytes((folder / "weights").read_bytes()[:3])
+
+
+def flip_a_byte(folder):
+    data = bytearray((folder / "weights").read_bytes())
+    data[0] ^= 1
+    (folder / "weights").write_bytes(bytes(data))
+
+
+FAULTS = {
+    "missing file": (lambda folder: (folder / "weights").unlink(), "weights is missing"),
+    "truncated": (truncate, "weights has 3 bytes, the manifest says 64"),
+    "bad hash": (flip_a_byte, "weights does not match its sha256"),
+    "unparsable state": (lambda folder: (folder / "trainer_state.json").write_text("{"), "does not parse"),
+    "no manifest": (lambda folder: (folder / "manifest.json").unlink(), "manifest.json is missing"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=list(FAULTS))
+def test_resume_skips_a_damaged_checkpoint_with_one_warning(tmp_path, capsys, fault):
+    damage, reason = FAULTS[fault]
+    for step in (2, 4):
+        write_checkpoint(tmp_path, step, write_file("weights", "w" * 64), state={}, keep_last=3)
+    damage(tmp_path / "checkpoints" / "step-0000004")
+    assert resume_point(tmp_path, resume=True).name == "step-0000002"
+    warning = capsys.readouterr().err.strip()
+    assert warning.count("\n") == 0 and warning.startswith("warning: checkpoint step-0000004 is damaged (")
+    assert reason in warning and warning.endswith("resuming from step-0000002")
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_half_written_folder(tmp_path):
+    write_checkpoint(tmp_path, 2, write_file("weights"), state={}, keep_last=2)
+
+    def disk_full(folder):
+        (folder / "weights").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(tmp_path, 4, disk_full, state={}, keep_last=2)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
+    assert resume_point(tmp_path, resume=True).name == "step-0000002"
+
+
+def test_a_pickled_payload_in_optimizer_pt_is_refused_and_never_runs(tmp_path):
+    from pathlib import Path
+
+    from training.checkpoint import load_optimizer
+
+    written = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (written, "ran"))
+
+    torch.save({"state": Payload()}, tmp_path / "optimizer.pt")
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(pickle.UnpicklingError):
+        load_optimizer(tmp_path, optimizer)
+    assert not written.exists()

@@ -397,3 +397,13 @@ def test_ppo_speed_bench_runs_tiny(tiny_lm_dir, tmp_path):
     figures = ppo_speed.main([*argv, "--ppo-steps", "1", "--out", str(tmp_path)])
     assert figures["rollouts"]["engine_tokens_per_s"] > 0 and set(figures["step_split_s"]) == set(ppo.TIMING_KEYS)
     assert (tmp_path / "ppo_speed_cpu.md").exists()
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(tiny_lm_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "run"
+    ppo.main(ppo_args(tiny_lm_dir, prompts, out, "--save-every", "1", steps=2))
+    (out / "checkpoints" / "step-0000002" / "optimizer.pt").write_bytes(b"not a tensor file")
+    ppo.main(ppo_args(tiny_lm_dir, prompts, out, "--save-every", "1", "--resume", steps=3))
+    captured = capsys.readouterr()
+    assert "warning: checkpoint step-0000002 is damaged (optimizer.pt has 17 bytes" in captured.err
+    assert "at step 1" in captured.out and [r["step"] for r in read_metrics(out)] == [1, 2, 3]

@@ -208,3 +208,31 @@ def test_unwritable_out_dir_fails_early(workspace, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="not writable"):
         pretrain.main(args_for(workspace, blocker / "run"))
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain.main(args_for(workspace, out, "--max-steps", "4", "--save-every", "2"))
+    weights = out / "checkpoints" / "step-0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    pretrain.main(args_for(workspace, out, "--max-steps", "6", "--save-every", "2", "--resume"))
+    captured = capsys.readouterr()
+    assert "warning: checkpoint step-0000004 is damaged (model.safetensors has 1000 bytes" in captured.err
+    assert "resumed from" in captured.out and "step-0000002 at step 2" in captured.out
+    assert sorted(records(out, "loss")) == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_0(workspace, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.pretrain", *args_for(workspace, out, "--max-steps", "100000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, "the run ended or hung"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by SIGTERM after step" in stdout
+    latest = latest_checkpoint(out)
+    assert latest is not None and int(latest.name.split("-")[1]) >= 1

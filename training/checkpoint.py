@@ -1,17 +1,22 @@
 """Checkpoints of a training run: `<out>/checkpoints/step-N` folders, written atomically and loaded back verified.
 
-A checkpoint is written into a temporary folder that is renamed only when complete (`trainer_state.json` last), so
-a run killed mid-save leaves the previous checkpoint and no half-written one; the last K are kept. Tensor files
-are read with `weights_only=True` (plain tensors and containers, never pickled code), weights as safetensors with a
-check that they fit the model (a tied LM head is stored once, as the embedding). Pretraining and PPO use it.
+A checkpoint is written into a temporary folder that is renamed only when complete, so a run killed mid-save (or a
+write that fails, e.g. a full disk) leaves the previous checkpoint and no half-written one; the last K are kept.
+Its last file is `manifest.json` (every file's size and sha256); resuming verifies it and falls back, with a
+one-line warning, past a damaged checkpoint to the newest intact one. Tensor files are read with
+`weights_only=True` (plain tensors and containers, never pickled code), weights as safetensors with a check that
+they fit the model (a tied LM head is stored once, as the embedding). Pretraining and PPO use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"  # written last: a folder without it is not a checkpoint
+STATE_FILE = "trainer_state.json"  # the loop's state; a folder without it is not a checkpoint
+MANIFEST_FILE = "manifest.json"  # written last: {file name: {"bytes", "sha256"}} of everything else
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -35,12 +41,63 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def resume_point(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to continue from: the latest one with `--resume` (None when there is none yet); without it,
-    a folder that already has checkpoints is an error, so a run never overwrites another by accident."""
+    """The checkpoint to continue from: with `--resume`, the newest one that passes `verify` (None when there is
+    none yet), each damaged newer one skipped with a one-line warning; without it, a folder that already has
+    checkpoints is an error, so a run never overwrites another by accident."""
     latest = latest_checkpoint(out)
     if latest is not None and not resume:
         raise ValueError(f"{out} already has checkpoints ({latest.name}): pass --resume to continue, or a new --out")
-    return latest if resume else None
+    if not resume:
+        return None
+    candidates = [p for p in sorted((Path(out) / CHECKPOINTS_DIR).glob("step-*"), reverse=True) if p.is_dir()]
+    for i, path in enumerate(candidates):
+        problem = verify(path)
+        if problem is None:
+            return path
+        fallback = candidates[i + 1].name if i + 1 < len(candidates) else "the start (no intact checkpoint left)"
+        print(f"warning: checkpoint {path.name} is damaged ({problem}); resuming from {fallback}", file=sys.stderr)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: the size and sha256 of every file in `folder` (written last, atomically)."""
+    from tiny_hf.system import write_atomic
+
+    files = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    write_atomic(folder / MANIFEST_FILE, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be trusted (no or unparsable manifest or state, a file missing, cut short or
+    changed), or None when every file matches its manifest."""
+    try:
+        files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+        json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError as error:
+        return f"{Path(error.filename).name} is missing"
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        return f"its manifest or {STATE_FILE} does not parse: {error}"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
 
 
 def write_checkpoint(
@@ -66,10 +123,17 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     wait_for_everyone()
-    save(tmp)
-    wait_for_everyone()
+    try:
+        save(tmp)
+        wait_for_everyone()
+        if main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+            write_manifest(tmp)
+    except BaseException:  # a failed write (a full disk) leaves the previous checkpoints and no half-written one
+        if main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(final.parent.glob("step-*"))[:-keep_last]:
@@ -144,3 +208,27 @@ def save_rng(folder: Path, rank: int = 0) -> None:
 
 def load_rng(folder: Path, rank: int = 0) -> None:
     set_rng_state(load_torch(Path(folder) / f"rng-{rank}.pt"))
+
+
+# --- stopping on request ---------------------------------------------------------------------------------------------
+class StopRequest:
+    """Turns SIGTERM (what `kill`, schedulers and service managers send) into a request the training loop reads
+    between steps, so it can write a checkpoint and exit 0 instead of dying mid-step. Use as a context manager."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -41,6 +41,7 @@ from tiny_hf.system import keep_freed_memory
 from training import report
 from training.batches import global_batch_indices
 from training.checkpoint import (
+    StopRequest,
     load_optimizer,
     load_rng,
     load_torch,
@@ -560,11 +561,20 @@ def finish(run: Pretraining, result: dict) -> dict:
     return summary
 
 
+def stop_requested(run: Pretraining, stop: StopRequest) -> bool:
+    """Whether any process got SIGTERM: decided together, so that every process saves the same checkpoint."""
+    if run.accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor(float(stop.requested), device=run.accelerator.device)
+    return run.accelerator.reduce(flag, reduction="sum").item() > 0
+
+
 def train(options: PretrainOptions) -> dict:
-    """Pretrain with `options`; returns the final evaluation with world size, weights digest and skipped steps."""
+    """Pretrain with `options`; returns the final evaluation with world size, weights digest and skipped steps.
+    SIGTERM stops the run after the current step with a checkpoint, and exits 0 (`--resume` continues it)."""
     run = setup(options)
     result = {}
-    with run.log:
+    with run.log, StopRequest() as stop:
         for step in range(run.start_step, options.max_steps):
             step_start = time.perf_counter()
             stats = forward_backward(run, step)
@@ -577,8 +587,15 @@ def train(options: PretrainOptions) -> dict:
                 log_step(run, done, stats)
             if done % options.eval_every == 0 or done == options.max_steps:
                 result = evaluate(run, done)
-            if done % options.save_every == 0 or done == options.max_steps:
+            saved = done % options.save_every == 0 or done == options.max_steps
+            if saved:
                 save_checkpoint(run, done)
+            if stop_requested(run, stop):
+                if not saved:
+                    save_checkpoint(run, done)
+                run.progress.close()
+                run.accelerator.print(f"stopped by SIGTERM after step {done}, checkpoint written: --resume continues")
+                raise SystemExit(0)
         run.progress.close()
         return finish(run, result)
 

@@ -501,4 +501,6 @@ def write_comparison(options: CompareOptions, figures: dict, start: dict) -> Non
 
 
 if __name__ == "__main__":
-    main()
+    from tiny_hf.cli import run_main
+
+    run_main(main)

@@ -259,4 +259,6 @@ def summary_markdown(figures: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from tiny_hf.cli import run_main
+
+    run_main(main)

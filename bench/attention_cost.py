@@ -170,4 +170,6 @@ def table(figures: dict, lengths: list[int], implementations: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from tiny_hf.cli import run_main
+
+    run_main(main)

@@ -251,4 +251,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from tiny_hf.cli import run_main
+
+    run_main(main)

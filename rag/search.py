@@ -96,4 +96,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from tiny_hf.cli import run_main
+
+    run_main(main)

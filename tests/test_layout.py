@@ -216,3 +216,16 @@ def test_stage_options_come_from_dataclasses_a_yaml_file_and_the_command_line(tm
     assert stop.value.code == 2
     with pytest.raises(ValueError, match="no option has"):
         parse_options(Library, argv=[], defaults={"lr": 1.0})
+
+
+def test_an_expected_error_is_one_line_and_exit_code_2(tmp_path, capsys):
+    from tiny_hf import cli
+
+    argv = ["pretrain", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run"), "--cpu"]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.count("\n") == 0
+    assert err.startswith("tiny-hf pretrain: error: data source") and "missing.txt" in err
+    with pytest.raises(FileNotFoundError, match="missing.txt"):  # --debug: the traceback
+        cli.main(["--debug", *argv])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -70,17 +71,45 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `tiny-hf STAGE --help` for a stage's options.",
     )
     parser.add_argument("--version", action="version", version=f"tiny-hf {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (after the stage too)")
     commands = parser.add_subparsers(dest="stage", metavar="STAGE", title="stages")
     for name, (_, summary) in STAGES.items():
         commands.add_parser(name, help=summary, add_help=False)
     return parser
 
 
+# What a stage raises for input a person can fix (a bad value, a missing file or folder, a Hub id that is not
+# cached): one line on stderr and exit code 2, not a traceback. `--debug` (or TINY_HF_DEBUG=1) shows the traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def run_main(stage_main, argv: list[str] | None = None, prog: str | None = None):
+    """Run a stage's `main(argv)` as a command: an expected error (`USER_ERRORS`, or a SystemExit with a message)
+    becomes `PROG: error: ...` on one line with exit code 2. Every `tiny-hf STAGE` and `python -m` entry runs this."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TINY_HF_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    prog = prog or f"python -m {stage_main.__module__}"
+    try:
+        return stage_main(argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        reason = next(iter(str(error).strip().splitlines()), "") or type(error).__name__
+        print(f"{prog}: error: {reason}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):
+            raise
+        print(f"{prog}: {stop.code.strip()}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def run_module(module: str, prog: str, argv: list[str]):
-    """Import `module` and call its `main(argv)`, with `prog` as the program name its parser prints."""
+    """Import `module` and run its `main(argv)` through `run_main`, with `prog` as the name its parser prints."""
     saved, sys.argv[0] = sys.argv[0], prog
     try:
-        return importlib.import_module(module).main(argv)
+        return run_main(importlib.import_module(module).main, argv, prog)
     finally:
         sys.argv[0] = saved
 
@@ -93,12 +122,14 @@ def run_bench(argv: list[str]):
         parser.print_help()
         raise SystemExit(0)
     name = parser.parse_args(argv[:1]).name
-    return run_module(BENCHMARKS[name], f"tiny-hf bench {name}", argv[1:])
+    run_module(BENCHMARKS[name], f"tiny-hf bench {name}", argv[1:])
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> int | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["--debug"]:  # `tiny-hf --debug STAGE ...`: handed to the stage's run_main
+        argv = [*argv[1:], "--debug"]
     if not argv or argv[0].startswith("-"):
         parser.parse_args(argv or ["--help"])  # the help, the version, or an error for an unknown option
         return None
@@ -108,8 +139,10 @@ def main(argv: list[str] | None = None):
         parser.error(f"unknown stage {argv[0]!r}{hint}; the stages: {', '.join(STAGES)}")
     stage, rest = argv[0], argv[1:]
     if stage == "bench":
-        return run_bench(rest)
-    return run_module(STAGES[stage][0], f"tiny-hf {stage}", rest)
+        run_bench(rest)
+    else:
+        run_module(STAGES[stage][0], f"tiny-hf {stage}", rest)
+    return 0  # the console script exits with this; a stage's result stays in its output folder
 
 
 if __name__ == "__main__":

@@ -197,4 +197,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+
+    run_main(main)

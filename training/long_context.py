@@ -353,4 +353,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from tiny_hf.cli import run_main
+
+    run_main(main)

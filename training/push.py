@@ -381,4 +381,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from tiny_hf.cli import run_main
+
+    run_main(main)

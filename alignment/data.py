@@ -174,6 +174,8 @@ def _load_files_or_hub(spec: str) -> datasets.DatasetDict:
     files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.json*"))
     if not files:
         raise ValueError(f"--data {spec}: no .json or .jsonl files in the folder")
+    if not any(Path(f).read_text(encoding="utf-8").strip() for f in files):
+        raise ValueError(f"--data {spec}: no rows (the file is empty)")
     return datasets.load_dataset("json", data_files=files)
 
 

@@ -112,6 +112,7 @@ def parse_args(argv: list[str] | None = None):
 
 def check_args(options: DPOOptions, config) -> None:
     """What DPOTrainer would only find out at its first step (or never): unknown losses, a zero beta, ..."""
+    model_path("--model", options.model)  # a missing model fails before the data is read
     valid = loss_types()
     for name in config.loss_type:
         if name not in valid:

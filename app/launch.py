@@ -59,9 +59,8 @@ def load_engine(model: str, **engine_kwargs) -> tuple[Engine, list[Path]]:
 
 def cannot_load(model: str, error: BaseException) -> SystemExit:
     """The one-line exit for a `--model` that did not load (one of `LOAD_ERRORS`): the first line of the reason, and
-    for a path that does not exist a hint that it was tried as a Hub id too."""
+    for the default run folder, missing, how to make it."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if not Path(model).expanduser().exists():
-        hint = " (`make demo` trains one there)" if model == ModelOptions.model else ""
-        reason = f"no such folder{hint}, and as a Hub id: {reason}"
+    if model == ModelOptions.model and not Path(model).exists():
+        reason += " (`make demo` trains one there)"
     return SystemExit(f"error: cannot load --model {model!r}: {reason}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -44,7 +45,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rag.answer import QuestionTooLongError, cite, grounded_prompt
 from rag.index import RagIndex, load_rag_index
@@ -81,7 +82,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     ignore_eos: bool = False  # as vLLM: generate exactly max_tokens (benchmarks)
-    n: int = Field(default=1, ge=1, le=1)  # one choice per prompt
+    n: int = Field(default=1, ge=1)  # one choice per prompt: `check_n` refuses more
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None
@@ -105,6 +106,13 @@ class _Sampling(BaseModel):
         except ValueError as error:
             raise ApiError(400, str(error)) from error
 
+    @field_validator("n")
+    @classmethod
+    def check_n(cls, n: int) -> int:
+        if n > 1:
+            raise ValueError(f"n={n} is not supported: this server returns one choice per request; send {n} requests")
+        return n
+
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -114,14 +122,15 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
 
-    def prompts(self) -> list[str | list[int]]:
-        """The prompts, one per choice: a text or a list of token ids. Raises ApiError for an empty one."""
+    def prompts(self, start: list[int]) -> list[str | list[int]]:
+        """The prompts, one per choice: a text or a list of token ids; an empty one (as in OpenAI's API) starts
+        from `start`, the start-of-text token. Raises ApiError for no prompt at all."""
         prompts = self.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ApiError(400, "prompt must not be empty", param="prompt")
-        return prompts
+        if not prompts:
+            raise ApiError(400, "prompt must not be an empty list", param="prompt")
+        return [p if len(p) else start for p in prompts]
 
 
 class ChatMessage(BaseModel):
@@ -198,7 +207,7 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
     if first.get("type") == "json_invalid":
         return JSONResponse(ApiError(400, "the request body is not valid JSON").body(), status_code=400)
     where = [str(x) for x in first.get("loc", ()) if x != "body"]
-    message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
+    message = f"{'.'.join(where) or 'body'}: {first.get('msg', '').removeprefix('Value error, ')}"
     if "input" in first and where:
         message += f" (got {json.dumps(first['input'], default=str)[:100]})"
     return JSONResponse(ApiError(400, message, param=where[0] if where else None).body(), status_code=400)
@@ -239,6 +248,11 @@ class ServerState:
         """The tokens kept for a reply: `max_tokens`, or by default a quarter of the window (at most 256)."""
         return max_tokens or min(256, self.engine.max_seq_len // 4)
 
+    def start_of_text(self) -> list[int]:
+        """What an empty completion prompt starts from: the tokenizer's bos token, else its eos (GPT-2's way)."""
+        tokenizer = self.engine.tokenizer
+        return [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+
     def end_of_turn(self, ignore_eos: bool = False) -> list[int]:
         """The ids a chat reply stops at: the end of the turn, and eos unless the request ignores it."""
         eos = self.engine.tokenizer.eos_token_id
@@ -253,7 +267,8 @@ State = Annotated[ServerState, Depends(server_state)]
 
 
 def authorize(state: State, request: Request) -> None:
-    if state.api_key is not None and request.headers.get("authorization") != f"Bearer {state.api_key}":
+    sent = request.headers.get("authorization", "").encode()
+    if state.api_key is not None and not secrets.compare_digest(sent, f"Bearer {state.api_key}".encode()):
         raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
@@ -391,7 +406,7 @@ def _completion_chunks(out: RequestOutput) -> list[dict]:
 @api.post("/v1/completions")
 async def completions(body: CompletionRequest, state: State):
     state.check_model(body.model)
-    prompts = body.prompts()
+    prompts = body.prompts(start=state.start_of_text())
     params = body.sampling_params(body.max_tokens)
     reply = _Reply(f"cmpl-{uuid.uuid4().hex}", "text_completion", state.model_name)
     if body.stream:

@@ -406,6 +406,8 @@ def load_documents(data: str, *, max_docs: int | None = None) -> list[dict]:
             docs = [{"id": path.name, "text": path.read_text(encoding="utf-8")}]
         else:
             raise FileNotFoundError(f"--data {data!r} is not 'embedded', 'topics', a file or a folder")
+    if not any(str(doc.get("text", "")).strip() for doc in docs):
+        raise ValueError(f"--data {data!r}: no text in its {len(docs)} document(s)")
     return sample_documents(docs, max_docs)
 
 
@@ -474,11 +476,11 @@ def main(argv: list[str] | None = None) -> dict:
     def progress(batches):
         return tqdm(batches, desc="embedding", unit="batch", disable=not sys.stderr.isatty())
 
+    adding = not options.delete or options.append
+    documents = load_documents(options.data, max_docs=options.max_docs) if adding else []  # bad --data fails first
     index = _open_index(options)
     removed = index.delete(options.delete) if options.delete else 0
-    added = 0
-    if not options.delete or options.append:
-        added = index.add(load_documents(options.data, max_docs=options.max_docs), progress=progress)
+    added = index.add(documents, progress=progress) if adding else 0
     index.save(options.out)
     summary = {
         "out": str(options.out),

@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> CardOptions:
     split = argv.index("--") if "--" in argv else len(argv)
     (options,) = parse_options(CardOptions, argv=argv[:split], description=__doc__)
     options.pretrain_args = argv[split + 1 :]
+    if options.run != CardOptions.run and not options.run.is_dir():
+        raise ValueError(f"--run {options.run}: no such run folder (without --run the card trains one if needed)")
     return options
 
 

@@ -70,7 +70,12 @@ def client(served):
 def test_resolve_model_takes_run_folders_model_folders_and_hub_ids(run_dir, tmp_path):
     assert resolve_model(str(run_dir)) == (str(run_dir / "model"), [run_dir])
     assert resolve_model(str(run_dir / "model")) == (str(run_dir / "model"), [run_dir / "model", run_dir])
-    assert resolve_model("someone/tiny-model") == ("someone/tiny-model", [])
+    with pytest.raises(FileNotFoundError, match="not in the cache .* while offline"):  # conftest: HF_HUB_OFFLINE=1
+        resolve_model("someone/tiny-model")
+    with pytest.raises(ValueError, match="neither a local folder nor a Hub id"):
+        resolve_model("someone/bad name")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        resolve_model("runs/no/such/run")
     with pytest.raises(FileNotFoundError, match="config.json"):
         resolve_model(str(tmp_path))  # a folder, but no model in it
 

@@ -423,8 +423,10 @@ def test_bad_configs_name_the_field_the_value_and_the_choices(kwargs, message):
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ValueError, match=r"preset='gpt5' is not one of \['gpt2-small'"):
+    with pytest.raises(ValueError, match=r"unknown preset 'gpt5'; the presets: tiny-"):
         TinyConfig.from_preset("gpt5")
+    with pytest.raises(ValueError, match=r"unknown preset 'tiny-7m' \(did you mean tiny-3m\?\)"):
+        TinyConfig.from_preset("tiny-7m")
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -225,8 +225,74 @@ def test_malformed_requests_get_openai_error_bodies(server):
         assert response.status_code == 400, body
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and error["message"]
-    response = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ""})
+    response = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": []})
     assert response.status_code == 400 and "empty" in response.json()["error"]["message"]
+
+
+def test_n_above_one_is_a_clear_400(server):
+    with pytest.raises(openai.BadRequestError) as error:
+        server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=3)
+    assert error.value.body["param"] == "n"
+    assert error.value.body["message"].startswith("n: n=3 is not supported: this server returns one choice")
+
+
+def test_empty_prompt_starts_from_the_start_of_text_token(server, reference):
+    tokenizer = reference.tokenizer
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    out = server.client().completions.create(model="tiny", prompt="", max_tokens=8, temperature=0)
+    assert out.usage.prompt_tokens == 1
+    assert out.choices[0].text == expected_text(reference, [start], 8)
+    chat = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": ""}], max_tokens=4, temperature=0
+    )
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_last_token_of_the_window(server, reference):
+    """A prompt one token short of the 128-token window gets exactly one token, asked for or not."""
+    ids = (reference.tokenizer("word " * 200).input_ids * 2)[:127]
+    for max_tokens in (1, None):
+        out = server.client().completions.create(model="tiny", prompt=ids, max_tokens=max_tokens, temperature=0)
+        assert out.usage.completion_tokens == 1 and out.choices[0].finish_reason in ("length", "stop")
+    with pytest.raises(openai.BadRequestError) as error:
+        server.client().completions.create(model="tiny", prompt=ids, max_tokens=2)
+    assert error.value.body["code"] == "context_length_exceeded"
+
+
+def test_stop_strings_longer_than_the_output_change_nothing(server):
+    client = server.client()
+    args = dict(model="tiny", prompt="The", max_tokens=10, temperature=0)
+    full = client.completions.create(**args).choices[0]
+    long_stops = [full.text + "x" * 50, "never appears " * 20]
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(**args, stop=long_stops, stream=True))
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            cut = client.completions.create(**args, stop=long_stops).choices[0]
+            text, reason = cut.text, cut.finish_reason
+        assert (text, reason) == (full.text, full.finish_reason)
+
+
+def test_characters_split_across_tokens_stream_whole(tiny_lm_dir, monkeypatch):
+    """The engine made to write a text whose characters are several byte-level tokens each: every streamed chunk
+    holds whole characters (no U+FFFD), and the chunks add up to the text, streamed or not."""
+    live = LiveServer(tiny_lm_dir, max_batch_size=2, max_seq_len=128)
+    try:
+        text = "naïve → 🙂 ok"
+        script = live.engine.tokenizer(text, add_special_tokens=False).input_ids
+        assert any("\ufffd" in live.engine.tokenizer.decode([t]) for t in script)  # the text really splits
+        eos = live.engine.tokenizer.eos_token_id
+        monkeypatch.setattr(
+            live.engine, "_sample", lambda batch, logits: [(script + [eos])[len(r.output_ids)] for r in batch]
+        )
+        client = live.client()
+        args = dict(model="tiny", prompt="The", max_tokens=len(script) + 1)
+        assert client.completions.create(**args).choices[0].text == text
+        chunks = [c.choices[0].text for c in client.completions.create(**args, stream=True)]
+        assert "".join(chunks) == text and not any("\ufffd" in c for c in chunks)
+    finally:
+        live.close()
 
 
 def test_api_key_is_required_when_set(tiny_lm_dir):

@@ -12,7 +12,9 @@ import argparse
 import difflib
 import importlib
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -81,18 +83,44 @@ def build_parser() -> argparse.ArgumentParser:
 # What a stage raises for input a person can fix (a bad value, a missing file or folder, a Hub id that is not
 # cached): one line on stderr and exit code 2, not a traceback. `--debug` (or TINY_HF_DEBUG=1) shows the traceback.
 USER_ERRORS = (ValueError, OSError)
+OUTPUT_FLAGS = ("--out", "--output_dir", "--output-dir")  # the stages' output folders
+CHECKPOINT_MARKERS = ("checkpoints", "checkpoint-*")  # ours, and the transformers Trainer's
+
+
+def new_output_folders(argv: list[str]) -> list[Path]:
+    """The output folders `argv` names that do not exist yet (so a failed start may remove them)."""
+    named = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in OUTPUT_FLAGS]
+    named += [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] in OUTPUT_FLAGS and "=" in a]
+    return [Path(name) for name in named if not Path(name).exists()]
+
+
+def remove_failed_output(folders: list[Path]) -> None:
+    """Remove the output folders a failed command created, unless it got as far as a checkpoint to resume from."""
+    for folder in folders:
+        if folder.is_dir() and not any(any(folder.glob(marker)) for marker in CHECKPOINT_MARKERS):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def module_name(function) -> str:
+    """The dotted name of `function`'s module, also when it runs as `python -m` (then named `__main__`)."""
+    module = sys.modules[function.__module__]
+    spec = getattr(module, "__spec__", None)
+    return spec.name if function.__module__ == "__main__" and spec is not None else function.__module__
 
 
 def run_main(stage_main, argv: list[str] | None = None, prog: str | None = None):
     """Run a stage's `main(argv)` as a command: an expected error (`USER_ERRORS`, or a SystemExit with a message)
-    becomes `PROG: error: ...` on one line with exit code 2. Every `tiny-hf STAGE` and `python -m` entry runs this."""
+    becomes `PROG: error: ...` on one line with exit code 2, and an output folder the command created is removed
+    unless it holds a checkpoint. Every `tiny-hf STAGE` and `python -m` entry runs through this."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("TINY_HF_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    prog = prog or f"python -m {stage_main.__module__}"
+    prog = prog or f"python -m {module_name(stage_main)}"
+    created = new_output_folders(argv)
     try:
         return stage_main(argv)
     except USER_ERRORS as error:
+        remove_failed_output(created)
         if debug:
             raise
         reason = next(iter(str(error).strip().splitlines()), "") or type(error).__name__
@@ -101,6 +129,7 @@ def run_main(stage_main, argv: list[str] | None = None, prog: str | None = None)
     except SystemExit as stop:
         if not isinstance(stop.code, str):
             raise
+        remove_failed_output(created)
         print(f"{prog}: {stop.code.strip()}", file=sys.stderr)
         raise SystemExit(2) from None
 

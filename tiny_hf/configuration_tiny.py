@@ -8,6 +8,7 @@ values, never deep inside a forward pass.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -65,6 +66,13 @@ def _default_intermediate_size(hidden_size: int, mlp: str) -> int:
     if mlp in ("gelu", "relu2"):
         return 4 * hidden_size
     return 32 * ((8 * hidden_size // 3 + 31) // 32)
+
+
+def unknown_preset(name: str) -> str:
+    """The message for a preset name that is not one: the presets, and the closest one if any is close."""
+    close = difflib.get_close_matches(name, PRESETS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown preset {name!r}{hint}; the presets: {', '.join(PRESETS)}"
 
 
 class TinyConfig(PretrainedConfig):
@@ -239,7 +247,7 @@ class TinyConfig(PretrainedConfig):
     def from_preset(cls, name: str, **overrides: Any) -> TinyConfig:
         """Build a named configuration (see `PRESETS`), with any field overridden by keyword."""
         if name not in PRESETS:
-            raise ValueError(f"preset={name!r} is not one of {sorted(PRESETS)}")
+            raise ValueError(unknown_preset(name))
         return cls(**{**PRESETS[name], **overrides})
 
     @property

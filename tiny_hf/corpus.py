@@ -191,6 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
     from .options import parse_options
 
     (options,) = parse_options(CorpusOptions, argv=argv, description=__doc__.split("\n\n")[0])
+    if options.max_bytes < 0:
+        raise ValueError(f"--max-bytes={options.max_bytes} must be 0 (no cap) or more")
+    if not 0 <= options.val_fraction < 1:
+        raise ValueError(f"--val-fraction={options.val_fraction} must be in [0, 1)")
     meta = write_corpus(options.out, options.include_code, options.val_fraction, options.max_bytes or None)
     print(json.dumps(meta, indent=2))
     return meta

@@ -14,9 +14,16 @@ from typing import Any
 from transformers import HfArgumentParser
 
 
+class StageParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line, `PROG: error: ...` with exit code 2 (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(*types: type, description: str | None = None) -> HfArgumentParser:
     """The parser of `types` (dataclasses) with the stage's docstring as its description and `--config`."""
-    parser = HfArgumentParser(types, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageParser(types, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="a YAML file of these options; flags override it")
     return parser
 
@@ -42,7 +49,10 @@ def parse_options(
     first, _ = parser.parse_known_args(argv)
     if first.config is not None:
         parser.set_defaults(**_read_config(parser, first.config))
-    return tuple(parser.parse_args_into_dataclasses(argv)[: len(types)])  # the last item holds --config itself
+    *parsed, unused = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unused:
+        parser.error(f"unrecognized arguments: {' '.join(unused)}")
+    return tuple(parsed[: len(types)])  # the item after them holds --config itself
 
 
 def _read_config(parser: argparse.ArgumentParser, path: Path) -> dict:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 MODEL_SUBFOLDER = "model"  # where training/pretrain.py exports the model inside a run folder
 
 
@@ -16,7 +19,7 @@ def resolve_model(model: str) -> tuple[str, list[Path]]:
 
     A local run folder (one with a `model/` subfolder) loads that subfolder; a local model folder loads itself
     (a pushed model keeps the report files beside its weights, a run folder's `model/` has them one level up);
-    anything else is passed on as a Hub id.
+    anything else must be a Hub id (`check_hub_id`).
     """
     path = Path(model).expanduser()
     if (path / MODEL_SUBFOLDER / "config.json").is_file():
@@ -25,7 +28,24 @@ def resolve_model(model: str) -> tuple[str, list[Path]]:
         return str(path), [path, path.parent]
     if path.exists():
         raise FileNotFoundError(f"the folder has neither config.json nor {MODEL_SUBFOLDER}/config.json")
+    check_hub_id(model)
     return model, []
+
+
+def check_hub_id(model: str) -> None:
+    """Refuse, before any download, a name that is neither a local folder nor a Hub id that can load: a path
+    that does not exist, a malformed id, or (offline) an id that is not in the local Hub cache."""
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model:
+        raise FileNotFoundError(f"no such folder {model!r}")
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ValueError(f"{model!r} is neither a local folder nor a Hub id (namespace/name)") from None
+    if constants.is_offline_mode() and try_to_load_from_cache(model, "config.json") is None:
+        raise FileNotFoundError(
+            f"{model!r} is not a local folder and the Hub id is not in the cache ({constants.HF_HUB_CACHE}) while "
+            f"offline (HF_HUB_OFFLINE=1): run `hf download {model}` where the Hub is reachable, or pass a local folder"
+        )
 
 
 def model_path(flag: str, name: str) -> str:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tiny_hf.metrics import load_lm_metric
 from tiny_hf.options import parse_options
-from tiny_hf.runs import resolve_model
+from tiny_hf.runs import model_path, resolve_model
 from training.data import build_datasets, token_byte_lengths
 
 
@@ -111,10 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import tiny_hf  # noqa: F401 (registers the Auto classes)
 
-    try:
-        path, folders = resolve_model(options.model)
-    except FileNotFoundError as error:
-        raise SystemExit(f"error: --model {options.model}: {error}") from None
+    if options.run is not None and not (Path(options.run) / "run_config.json").is_file():
+        raise ValueError(f"--run {options.run}: not a pretraining run folder (it has no run_config.json)")
+    path, folders = resolve_model(model_path("--model", options.model))
     run_dir = options.run or next((f for f in folders if (f / "run_config.json").is_file()), path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(options.device)

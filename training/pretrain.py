@@ -36,7 +36,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tiny_hf  # registers the Auto classes
 from tiny_hf import TinyConfig, TinyForCausalLM
 from tiny_hf.bpe import train_tokenizer
+from tiny_hf.configuration_tiny import unknown_preset
 from tiny_hf.options import parse_options
+from tiny_hf.runs import model_path
 from tiny_hf.system import keep_freed_memory
 from training import report
 from training.batches import global_batch_indices
@@ -135,13 +137,19 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def is_saved_model(name: str) -> bool:
-    return name not in tiny_hf.PRESETS
+def saved_model(name: str) -> str | None:
+    """None for a preset; else where the saved model to continue from loads (`model_path`: a run folder, a model
+    folder or a Hub id). A bare name that is neither a preset nor a folder is a preset typo, not a Hub id."""
+    if name in tiny_hf.PRESETS:
+        return None
+    if "/" not in name and not Path(name).expanduser().exists():
+        raise ValueError(f"--model: {unknown_preset(name)}, or a model folder or Hub id (namespace/name)")
+    return model_path("--model", name)
 
 
 def build_tokenizer(options: PretrainOptions, accelerator: Accelerator):
     """The tokenizer named by --tokenizer, else the saved model's, else one trained on the training split."""
-    source = options.tokenizer or (options.model if is_saved_model(options.model) else None)
+    source = options.tokenizer or saved_model(options.model)
     if source is not None:
         return AutoTokenizer.from_pretrained(source)
     tokenizer_dir = options.out / "tokenizer"
@@ -154,10 +162,11 @@ def build_tokenizer(options: PretrainOptions, accelerator: Accelerator):
 
 
 def build_model(options: PretrainOptions, tokenizer) -> TinyForCausalLM:
-    if is_saved_model(options.model):
+    source = saved_model(options.model)
+    if source is not None:
         if options.set:
             raise ValueError("--set only applies to presets; a saved model keeps its architecture")
-        return AutoModelForCausalLM.from_pretrained(options.model, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     config = TinyConfig.from_preset(
         options.model,
         **{
@@ -184,6 +193,10 @@ def check_inputs(options: PretrainOptions, model, tokenizer, schedule: SequenceL
     if schedule.max_length != options.block_size:
         raise ValueError(f"--seq-len-schedule's longest length {schedule.max_length} must equal --block-size")
     schedule.check_positions(model.config)
+
+
+def check_counts(options: PretrainOptions) -> None:
+    """The options that count something must count at least one, checked before any data is read."""
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(options, name)} must be at least 1")
@@ -371,6 +384,7 @@ def load_blocks(options: PretrainOptions, tokenizer, accelerator) -> tuple[torch
 def setup(options: PretrainOptions) -> Pretraining:
     """Tokenizer, model, data and every check before any training; then the optimizer and schedule, a checkpoint's
     state when resuming (restored before accelerate wraps the model), the log and the progress bar."""
+    check_counts(options)
     keep_freed_memory()
     mixed_precision = options.mixed_precision or ("bf16" if torch.cuda.is_available() and not options.cpu else "no")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=options.cpu)

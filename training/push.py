@@ -97,7 +97,7 @@ def check_repo_id(repo_id: str) -> str:
 def find_model_dir(run_dir: Path) -> Path:
     """The model folder of a run (`run/model/`), or `run_dir` itself if it is a model folder."""
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"no run folder at {run_dir}")
+        raise FileNotFoundError(f"--model {run_dir}: no such run folder")
     for candidate in (run_dir / "model", run_dir):
         if (candidate / "config.json").is_file() and any((candidate / f).is_file() for f in WEIGHT_FILES):
             model_type = json.loads((candidate / "config.json").read_text()).get("model_type")
@@ -361,8 +361,9 @@ def main(argv: list[str] | None = None) -> Path:
     run_dir = args.model
     # resolve(): `--model .` or `--model runs/demo/` must still name the staging folder after the run.
     out = args.out if args.out is not None else run_dir.resolve().parent / f"{run_dir.resolve().name}-upload"
+    find_model_dir(run_dir)  # a folder without a model fails before the offline check and the staging
     if not args.dry_run and hub_constants.HF_HUB_OFFLINE:
-        raise RuntimeError("HF_HUB_OFFLINE is set (the Makefile exports it): unset it to upload, or pass --dry-run")
+        raise ValueError("HF_HUB_OFFLINE is set (the Makefile exports it): unset it to upload, or pass --dry-run")
 
     staging = stage(run_dir, args.repo_id, out, license=args.license)
     files = sorted(p for p in staging.iterdir() if p.name != STAGING_MARKER)

@@ -46,6 +46,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rag.answer import QuestionTooLongError, cite, grounded_prompt
 from rag.index import RagIndex, load_rag_index
@@ -183,7 +184,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
-        kind = self.TYPES.get(self.status, "server_error")
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -199,6 +200,12 @@ def _engine_error(error: Exception) -> ApiError:
 
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (an unknown path 404, a method the route lacks 405) with OpenAI's body."""
+    body = ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}").body()
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -520,6 +527,7 @@ def build_app(
     )
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.include_router(public)
     app.include_router(api)
     if rag_index is not None:

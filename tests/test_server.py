@@ -13,8 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import hypothesis
 import openai
 import pytest
+import schemathesis
 import torch
 import uvicorn
 from conftest import RAG_QUESTION, free_port
@@ -488,3 +490,40 @@ def test_rag_answer_bad_input_is_400_with_a_message(rag_server, body, message, p
 
 def test_rag_route_is_absent_without_an_index(server):
     assert ask(server, question=RAG_QUESTION).status_code == 404
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fuzz: schemathesis sends requests generated from the app's own OpenAPI schema (fitting it and not) to every route
+# ---------------------------------------------------------------------------------------------------------------------
+FUZZ_EXAMPLES = 40  # per route and generation mode
+
+
+@pytest.fixture(scope="module")
+def fuzz_counts():
+    counts = {}
+    yield counts
+    print("\nfuzz: responses by route and status:", json.dumps(counts, sort_keys=True))
+
+
+# The schema of the app with every route (the routes and request models fix it; no engine is needed to build it).
+OPENAPI = build_app(None, model_name="tiny", rag_index=True).openapi()
+fuzzed = schemathesis.openapi.from_dict(OPENAPI)
+fuzzed.config.generation.update(max_examples=FUZZ_EXAMPLES)
+
+
+@fuzzed.parametrize()
+@hypothesis.settings(deadline=None, suppress_health_check=list(hypothesis.HealthCheck), derandomize=True)
+def test_fuzzed_requests_get_no_5xx_and_every_error_has_the_openai_body(case, rag_server, fuzz_counts):
+    if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
+        case.body["model"] = (
+            "tiny"  # past the model check, into generation (unknown models: test_unknown_model_is_404)
+        )
+    response = case.call(base_url=rag_server.url, timeout=60)
+    route = f"{case.method} {case.path}"
+    fuzz_counts.setdefault(route, {}).setdefault(str(response.status_code), 0)
+    fuzz_counts[route][str(response.status_code)] += 1
+    assert response.status_code < 500, (route, case.body, response.text)
+    if response.status_code >= 400:
+        error = response.json().get("error", {})
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], (route, response.text)
+        assert error["type"] in ("invalid_request_error", "authentication_error", "rate_limit_error")

@@ -72,6 +72,7 @@ from tiny_hf.options import parse_options
 from tiny_hf.runs import model_path
 from training.batches import global_batch_indices
 from training.checkpoint import (
+    RunLock,
     StopRequest,
     load_optimizer,
     load_rng,
@@ -709,6 +710,12 @@ def finish(run: PPORun) -> dict:
 def train(options: PPOOptions) -> dict:
     """Run PPO with `options`; returns the summary. SIGTERM stops it after the current step with a checkpoint, and
     exits 0 (`--resume` continues it)."""
+    with RunLock(options.out):
+        return train_locked(options)
+
+
+def train_locked(options: PPOOptions) -> dict:
+    """`train` while this run holds its output folder."""
     run = setup(options)
     with run.log, StopRequest() as stop:
         progress = tqdm(

@@ -67,6 +67,9 @@ TINY_RUNS: dict[str, str] = {
     "rag/search.py": "tests/test_rag.py::test_index_and_search_cli",
     "rag/answer.py": "tests/test_docs.py::test_rag_answer_runs_tiny",
     "bench/rag_bench.py": "tests/test_docs.py::test_rag_bench_runs_tiny",
+    "bench/server_soak.py": (
+        "tests/test_server_soak.py::test_a_thousand_mixed_requests_leave_the_server_idle_without_errors_or_growth"
+    ),
     "report/card.py": "tests/test_report_card.py::test_quick_card_has_every_section_and_its_links_resolve",
     "training/long_context.py": "tests/test_long_context.py::test_script_writes_the_report_for_every_variant",
     "app/server.py": "tests/test_server.py::test_cli_serves_and_shuts_down_gracefully",

@@ -1,5 +1,6 @@
 """training/pretrain.py end to end on tiny configs: steps run, loss falls, DDP really runs 2 processes with identical
-weights, a SIGKILLed run resumes to the same losses, the curriculum switches lengths, and bad input fails early."""
+weights, a SIGKILLed run (one process or two) resumes to the same losses, the curriculum switches lengths, and bad
+input fails early."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import free_port
 from transformers import AutoModelForCausalLM
@@ -16,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from tiny_hf.bpe import train_tokenizer
 from tiny_hf.corpus import DOC_SEPARATOR, topic_documents
 from training import pretrain
-from training.checkpoint import latest_checkpoint
+from training.checkpoint import RunLock, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny-1m"] + [
@@ -139,11 +141,9 @@ def test_resume_after_sigkill_gives_the_same_losses(workspace, tmp_path):
     assert sorted(records(killed, "loss")) == list(range(1, 31))
 
 
-@pytest.mark.slow
-def test_accelerate_launch_runs_two_processes_with_identical_weights(workspace, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
+def accelerate_launch(*pretrain_args: str) -> list[str]:
+    """The command that runs training/pretrain.py as 2 CPU processes (gloo) through `accelerate launch`."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -159,16 +159,63 @@ def test_accelerate_launch_runs_two_processes_with_identical_weights(workspace, 
         "--main_process_port",
         str(free_port()),
         str(ROOT / "training" / "pretrain.py"),
-        *args_for(workspace, out, "--max-steps", "4", "--eval-every", "2", "--batch-size", "4"),
+        *pretrain_args,
     ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+DDP_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_ddp(*pretrain_args: str) -> None:
+    result = subprocess.run(
+        accelerate_launch(*pretrain_args), cwd=ROOT, env=DDP_ENV, capture_output=True, text=True, timeout=600
+    )
     # A crash in one rank shows up last as the other's "Connection closed by peer": show every rank's error lines.
     errors = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
     assert result.returncode == 0, "\n".join(errors[-40:]) + "\n" + result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_two_processes_with_identical_weights(workspace, tmp_path):
+    out = tmp_path / "ddp"
+    run_ddp(*args_for(workspace, out, "--max-steps", "4", "--eval-every", "2", "--batch-size", "4"))
     ranks = [json.loads((out / f"final-rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"]
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_after_sigkill_to_the_same_losses(workspace, tmp_path):
+    """Both ranks killed at once mid-run (the launcher's process group); the resumed run's losses and final weights
+    equal an uninterrupted 2-process run's, step for step: each rank's RNG and the data order come back exactly."""
+    common = ("--batch-size", "4", "--lr-decay-steps", "1000", "--save-every", "4", "--eval-every", "1000")
+    common += ("--set", "hidden_dropout=0.1")
+    reference = tmp_path / "reference"
+    run_ddp(*args_for(workspace, reference, "--max-steps", "16", *common))
+
+    killed = tmp_path / "killed"
+    cmd = accelerate_launch(*args_for(workspace, killed, "--max-steps", "100000", *common))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=DDP_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = psutil.Process(proc.pid)
+    try:
+        deadline = time.time() + 300
+        while latest_checkpoint(killed) is None:
+            assert proc.poll() is None and time.time() < deadline, "the run to be killed ended or hung"
+            time.sleep(0.05)
+    finally:  # the launcher and both ranks at once (the ranks are not in the launcher's process group)
+        everyone = [launcher, *launcher.children(recursive=True)]
+        for process in everyone:
+            process.send_signal(signal.SIGKILL)
+        psutil.wait_procs(everyone, timeout=30)
+    resumed_from = int(latest_checkpoint(killed).name.split("-")[1])
+    assert resumed_from < 16, resumed_from
+
+    run_ddp(*args_for(workspace, killed, "--max-steps", "16", "--resume", *common))
+    assert records(killed, "loss") == records(reference, "loss")  # exact, step for step
+    assert sorted(records(killed, "loss")) == list(range(1, 17))
+    digests = [json.loads((run / "final-rank0.json").read_text())["weights_digest"] for run in (reference, killed)]
+    assert digests[0] == digests[1]
 
 
 # --- bad input: a clear error before any training --------------------------------------------------------------
@@ -220,6 +267,15 @@ def test_resume_falls_back_past_a_truncated_checkpoint(workspace, tmp_path, caps
     assert "warning: checkpoint step-0000004 is damaged (model.safetensors has 1000 bytes" in captured.err
     assert "resumed from" in captured.out and "step-0000002 at step 2" in captured.out
     assert sorted(records(out, "loss")) == list(range(1, 7))
+
+
+def test_a_folder_another_run_is_writing_is_refused(workspace, tmp_path):
+    out = tmp_path / "run"
+    with RunLock(out):  # as a run still training (or a killed launcher's orphaned ranks) holds it
+        with pytest.raises(ValueError, match=r"--out .*run is in use by a running run \(pid \d+\)"):
+            pretrain.main(args_for(workspace, out, "--max-steps", "2", "--resume"))
+    assert not (out / "checkpoints").exists()
+    pretrain.main(args_for(workspace, out, "--max-steps", "2"))  # free again once the holder is gone
 
 
 @pytest.mark.slow

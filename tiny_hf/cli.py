@@ -63,6 +63,7 @@ BENCHMARKS: dict[str, str] = {
     "ppo-speed": "bench.ppo_speed",
     "attention-cost": "bench.attention_cost",
     "rag": "bench.rag_bench",
+    "server-soak": "bench.server_soak",
 }
 
 

@@ -10,6 +10,7 @@ they fit the model (a tied LM head is stored once, as the embedding). Pretrainin
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +28,44 @@ from safetensors.torch import load_file
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"  # the loop's state; a folder without it is not a checkpoint
 MANIFEST_FILE = "manifest.json"  # written last: {file name: {"bytes", "sha256"}} of everything else
+LOCK_FILE = ".run.lock"  # held by the run writing into the folder (RunLock)
+
+
+class RunLock:
+    """Holds `<out>/.run.lock` while a run writes into `out`: a second run into the same folder (a resume started while
+    the first still runs, or while a SIGKILLed launcher's ranks still write) is refused instead of mixing checkpoints.
+    It is an OS lock (flock), so it goes with the process that holds it however that ends; rank 0 takes it.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.handle = Path(out), None
+
+    def __enter__(self) -> RunLock:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return self
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            handle = open(self.out / LOCK_FILE, "a+")
+        except OSError as error:
+            raise ValueError(f"--out {self.out} is not writable: {error}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            message = f"--out {self.out} is in use by a running run ({holder}): stop it or choose another --out"
+            raise ValueError(message) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file releases the lock
+            self.handle = None
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:

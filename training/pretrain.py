@@ -43,6 +43,7 @@ from tiny_hf.system import keep_freed_memory
 from training import report
 from training.batches import global_batch_indices
 from training.checkpoint import (
+    RunLock,
     StopRequest,
     load_optimizer,
     load_rng,
@@ -200,16 +201,6 @@ def check_counts(options: PretrainOptions) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(options, name)} must be at least 1")
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"--out {out} is not writable: {error}") from None
 
 
 def make_optimizer(model: torch.nn.Module, options: PretrainOptions) -> torch.optim.AdamW:
@@ -389,7 +380,6 @@ def setup(options: PretrainOptions) -> Pretraining:
     mixed_precision = options.mixed_precision or ("bf16" if torch.cuda.is_available() and not options.cpu else "no")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=options.cpu)
     set_seed(options.seed)
-    check_writable(options.out)
     resume_from = resume_point(options.out, options.resume)
     tokenizer = build_tokenizer(options, accelerator)
     model = build_model(options, tokenizer)
@@ -586,6 +576,12 @@ def stop_requested(run: Pretraining, stop: StopRequest) -> bool:
 def train(options: PretrainOptions) -> dict:
     """Pretrain with `options`; returns the final evaluation with world size, weights digest and skipped steps.
     SIGTERM stops the run after the current step with a checkpoint, and exits 0 (`--resume` continues it)."""
+    with RunLock(options.out):
+        return train_locked(options)
+
+
+def train_locked(options: PretrainOptions) -> dict:
+    """`train` while this run holds its output folder."""
     run = setup(options)
     result = {}
     with run.log, StopRequest() as stop:

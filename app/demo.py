@@ -40,7 +40,7 @@ import tiny_hf  # noqa: F401  (registers the Auto classes, so run folders load w
 from app.launch import LOAD_ERRORS, ModelOptions, RetrievalOptions, cannot_load, load_engine
 from rag.answer import Source, cite, grounded_prompt
 from rag.index import SEARCH_MODES, load_rag_index
-from tiny_hf.chat import end_of_turn_ids
+from tiny_hf.chat import CHAT_SAMPLING, end_of_turn_ids
 from tiny_hf.engine import ContextWindowError, Engine, EngineLoop, SamplingParams, fit_messages
 from tiny_hf.options import parse_options
 
@@ -371,12 +371,21 @@ GENERATE = {"concurrency_id": "generate"}  # every generating event shares one q
 def sampling_controls(reply_room: int) -> list[gr.Slider]:
     """temperature, top_p, top_k, max new tokens and repetition penalty, in the order the handlers take them."""
     with gr.Row():
-        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0 = greedy)", elem_id="temperature")
-        top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="top_p")
-        top_k = gr.Slider(0, 200, value=50, step=1, precision=0, label="top_k (0 = off)")
+        temperature = gr.Slider(
+            0,
+            2,
+            value=CHAT_SAMPLING["temperature"],
+            step=0.05,
+            label="temperature (0 = greedy)",
+            elem_id="temperature",
+        )
+        top_p = gr.Slider(0.05, 1, value=CHAT_SAMPLING["top_p"], step=0.05, label="top_p")
+        top_k = gr.Slider(0, 200, value=CHAT_SAMPLING["top_k"], step=1, precision=0, label="top_k (0 = off)")
     with gr.Row():
         max_tokens = gr.Slider(1, reply_room, value=min(128, reply_room), step=1, precision=0, label="max new tokens")
-        repetition_penalty = gr.Slider(0.5, 2, value=1.1, step=0.05, label="repetition penalty (1 = off)")
+        repetition_penalty = gr.Slider(
+            0.5, 2, value=CHAT_SAMPLING["repetition_penalty"], step=0.05, label="repetition penalty (1 = off)"
+        )
     return [temperature, top_p, top_k, max_tokens, repetition_penalty]
 
 

@@ -2,15 +2,21 @@
 apart, and a short real SFTTrainer run that lowers the held-out loss."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import run_without_tiny_hf, tiny_config
+from transformers import AutoTokenizer
 
 from alignment import sft
 from alignment.data import docstring_pairs, instruction_dataset, load_chat_dataset, summary
 from tiny_hf import TinyForCausalLM, export
+from tiny_hf.chat import CHAT_SAMPLING, END_OF_TURN, end_of_turn_ids
 
 
 def test_summary_is_the_first_paragraph_on_one_line():
@@ -110,6 +116,57 @@ def test_sft_lowers_the_held_out_loss_and_writes_the_report(tiny_run, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+
+
+@pytest.mark.slow
+def test_a_chat_run_stops_at_the_end_of_the_turn_in_a_transformers_pipeline(tiny_run, tmp_path):
+    """A short SFT run on short answers, then `pipeline("text-generation")` on chat messages in a fresh process with
+    tiny_hf (its Auto classes registered) and in one without it (the folder's remote code): greedy generation ends
+    at <|im_end|> well before the length limit, because generation_config.json lists the end of the turn as an eos."""
+    modules = ["json", "os", "sys", "re", "math", "time", "random", "string", "shutil", "socket"]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What does the {m} module do?"},
+                {"role": "assistant", "content": f"It is {m}."},
+            ]
+        }
+        for m in modules * 4
+    ]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "sft"
+    options = ["--model", str(tiny_run), "--data", str(tmp_path / "chats.jsonl"), "--out", str(out)]
+    options += ["--max-steps", "60", "--per-device-train-batch-size", "8", "--learning-rate", "3e-3"]
+    sft.main([*options, "--max-length", "64", "--eval-examples", "4", "--samples", "1", "--max-new-tokens", "8"])
+    model_dir = out / "model"
+    saved = json.loads((model_dir / "generation_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert saved["eos_token_id"] == end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(END_OF_TURN), 0]
+    assert {k: saved[k] for k in CHAT_SAMPLING} == CHAT_SAMPLING and saved["do_sample"] is True
+    code = f"""
+        import json
+        from transformers import AutoTokenizer, pipeline
+        {{imports}}
+        pipe = pipeline("text-generation", model={str(model_dir)!r}{{remote}})
+        messages = [{{{{"role": "user", "content": "What does the json module do?"}}}}]
+        ids = pipe(messages, max_new_tokens=100, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+        prompt = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        im_end = pipe.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        print(json.dumps({{{{"new": ids[len(prompt):], "im_end": im_end}}}}))
+    """
+    with_tiny_hf = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code.format(imports="import tiny_hf", remote=""))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    without = run_without_tiny_hf(code.format(imports="", remote=", trust_remote_code=True"), tmp_path)
+    for result in (with_tiny_hf, without):
+        assert result.returncode == 0, result.stderr[-2000:]
+        reply = json.loads(result.stdout.strip().splitlines()[-1])
+        assert reply["new"][-1] == reply["im_end"] and len(reply["new"]) < 100, reply
+        assert reply["new"].count(reply["im_end"]) == 1, reply  # it stopped at the first one
 
 
 def test_sft_refuses_a_missing_model(tmp_path):

@@ -13,11 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from .engine import Engine, SamplingParams
 from .tokenization_tiny import IM_END
 
 END_OF_TURN = IM_END  # the token that closes an assistant turn in the chat template
+# How the project samples a chat reply by default (the Gradio chat's controls, a saved folder's generation config).
+CHAT_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}
 
 
 @dataclass
@@ -35,6 +38,24 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def chat_generation_config(model, tokenizer) -> GenerationConfig | None:
+    """The generation config a saved chat-capable causal LM carries, so that `generate()`, `pipeline(
+    "text-generation")` and any tool reading generation_config.json stop at the end of the turn as well as at eos,
+    and sample as the project's chat does (`CHAT_SAMPLING`). None for a model without a chat template or that does
+    not generate (a reward model)."""
+    if not model.can_generate() or not getattr(tokenizer, "chat_template", None):
+        return None
+    config = GenerationConfig.from_model_config(model.config)
+    config.update(
+        eos_token_id=end_of_turn_ids(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        do_sample=True,
+        **CHAT_SAMPLING,
+    )
+    return config
 
 
 def engine_model(model):

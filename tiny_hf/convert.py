@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from .chat import chat_generation_config
 from .configuration_tiny import TinyConfig
 
 PACKAGE_DIR = Path(__file__).parent
@@ -97,6 +98,7 @@ def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, ou
         model.config.auto_map = previous
     if tokenizer is not None:
         export_tokenizer(tokenizer, out_dir)
+        save_generation_config(model, tokenizer, out_dir)
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(PACKAGE_DIR / name, out_dir / name)
     return out_dir
@@ -111,7 +113,15 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+        save_generation_config(model, tokenizer, out_dir)
     return out_dir
+
+
+def save_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+    """A chat-capable model's generation_config.json: it stops at the end of the turn (`chat_generation_config`)."""
+    config = chat_generation_config(model, tokenizer)
+    if config is not None:
+        config.save_pretrained(out_dir)
 
 
 def export_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

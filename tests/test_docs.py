@@ -72,6 +72,9 @@ TINY_RUNS: dict[str, str] = {
     ),
     "report/card.py": "tests/test_report_card.py::test_quick_card_has_every_section_and_its_links_resolve",
     "training/long_context.py": "tests/test_long_context.py::test_script_writes_the_report_for_every_variant",
+    "training/export.py": (
+        "tests/test_export.py::test_llama_format_is_a_stock_folder_that_loads_without_tiny_hf_or_remote_code"
+    ),
     "app/server.py": "tests/test_server.py::test_cli_serves_and_shuts_down_gracefully",
     # main() builds this app with build_demo() and launches it; the fixture of this test does the same on a tiny model.
     "app/demo.py": "tests/test_app_demo.py::test_chat_api_streams_a_growing_reply",

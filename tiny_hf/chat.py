@@ -55,6 +55,7 @@ def chat_generation_config(model, tokenizer) -> GenerationConfig | None:
         do_sample=True,
         **CHAT_SAMPLING,
     )
+    config._from_model_config = False  # chosen for the model, not derived from its config: generate() keeps it
     return config
 
 

@@ -112,8 +112,24 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        save_stock_tokenizer(tokenizer, out_dir)
         save_generation_config(model, tokenizer, out_dir)
+    return out_dir
+
+
+def save_stock_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Save a tokenizer beside a stock model (a Llama export, a GPT-2 fine-tune) so that it needs no custom code
+    either: a `TinyTokenizerFast` is written as transformers' own `PreTrainedTokenizerFast`, which behaves the same
+    (the subclass adds no behaviour, only a constructor for tiny_hf's BPE), so llama.cpp's converter and any tool
+    that refuses remote code load it."""
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    tokenizer_config = out_dir / "tokenizer_config.json"
+    data = json.loads(tokenizer_config.read_text())
+    if data.get("tokenizer_class") == "TinyTokenizerFast":
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        data.pop("auto_map", None)
+        tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return out_dir
 
 

@@ -10,7 +10,7 @@ API) can use a tiny-hf run folder or Hub model.
     client.completions.create(model="demo", prompt="The json module", max_tokens=20)
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (`stream: true` sends server-sent events),
-`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text: queue length, running requests, tokens/s, totals).
+`GET /v1/models`, `GET /health`, `GET /metrics` (prometheus_client: queue, batch, tokens/s, totals, latency).
 With `--rag-index DIR` (an index folder of `tiny-hf index`) also `POST /v1/rag/answer`, grounded answers
 (rag/answer.py) generated greedily on the same loop:
 
@@ -44,7 +44,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -221,6 +223,60 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Telemetry: GET /metrics in Prometheus' text format
+# ---------------------------------------------------------------------------------------------------------------------
+GAUGES = ("queue_length", "running", "tokens_per_second", "prefix_cache_hit_rate")  # the rest of loop.metrics() count
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # seconds
+
+
+class EngineCollector:
+    """The engine loop's figures at scrape time: gauges for the queue and the batch, counters for the totals."""
+
+    def __init__(self, loop: EngineLoop):
+        self.loop = loop
+
+    def collect(self):
+        for key, value in self.loop.metrics().items():
+            family = GaugeMetricFamily if key in GAUGES else CounterMetricFamily
+            yield family(f"tiny_hf_{key}", key.replace("_", " "), value=float(value))
+
+
+class Telemetry:
+    """One registry per app (so that several apps in a process do not collide): the engine's figures, and time to
+    first token and request latency as histograms, observed on every request the engine runs."""
+
+    def __init__(self, loop: EngineLoop):
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(loop))
+        self.ttft = Histogram(
+            "tiny_hf_time_to_first_token_seconds",
+            "from the request to its first output",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tiny_hf_request_latency_seconds",
+            "from the request to its last output",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    async def timed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """`stream` unchanged, observing its time to the first and to the last output; closing it closes `stream`."""
+        start, first = time.perf_counter(), True
+        try:
+            async for out in stream:
+                if first:
+                    self.ttft.observe(time.perf_counter() - start)
+                    first = False
+                if out.finished:
+                    self.latency.observe(time.perf_counter() - start)
+                yield out
+        finally:
+            await stream.aclose()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The state every route reads: app.state.server
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -241,10 +297,18 @@ class ServerState:
     shutdown_timeout: float = 10.0
     rag_index: RagIndex | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    telemetry: Telemetry = field(init=False)
+
+    def __post_init__(self):
+        self.telemetry = Telemetry(self.loop)
 
     @property
     def engine(self) -> Engine:
         return self.loop.engine
+
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """One request's outputs from the engine loop, timed for /metrics."""
+        return self.telemetry.timed(self.loop.astream(prompt, params))
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -302,13 +366,13 @@ class _Reply:
         }
 
 
-async def _run(loop: EngineLoop, prompts: Sequence, params: SamplingParams) -> list[RequestOutput]:
+async def _run(state: ServerState, prompts: Sequence, params: SamplingParams) -> list[RequestOutput]:
     """Run prompts to completion: each one's last output, its text the whole reply."""
     results = []
     for prompt in prompts:
         text, last = [], None
         try:
-            async for out in loop.astream(prompt, params):
+            async for out in state.stream(prompt, params):
                 text.append(out.text)
                 last = out
         except (ValueError, RuntimeError) as error:
@@ -328,7 +392,7 @@ def _sse(payload: dict | str) -> str:
 
 
 async def stream_response(
-    loop: EngineLoop,
+    state: ServerState,
     prompt: str | list[int],
     params: SamplingParams,
     reply: _Reply,
@@ -344,7 +408,7 @@ async def stream_response(
     and not a broken event stream. A client that goes away cancels the response, which closes the engine stream: that
     aborts the request and frees its slot.
     """
-    stream = loop.astream(prompt, params)
+    stream = state.stream(prompt, params)
     try:
         first = await anext(stream)
     except (ValueError, RuntimeError) as error:
@@ -382,12 +446,9 @@ async def health(state: State) -> dict:
     return {"status": "ok", "model": state.model_name}
 
 
-@public.get("/metrics", response_class=PlainTextResponse)
-async def metrics(state: State) -> str:
-    lines = []
-    for key, value in state.loop.metrics().items():
-        lines += [f"# TYPE tiny_hf_{key} gauge", f"tiny_hf_{key} {float(value):.6g}"]
-    return "\n".join(lines) + "\n"
+@public.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @api.get("/v1/models")
@@ -420,9 +481,9 @@ async def completions(body: CompletionRequest, state: State):
         if len(prompts) != 1:
             raise ApiError(400, "stream with one prompt at a time", param="prompt")
         return await stream_response(
-            state.loop, prompts[0], params, reply, _completion_chunks, include_usage=body.include_usage
+            state, prompts[0], params, reply, _completion_chunks, include_usage=body.include_usage
         )
-    results = await _run(state.loop, prompts, params)
+    results = await _run(state, prompts, params)
     return reply.body([_text_choice(i, r) for i, r in enumerate(results)], usage=_usage(results))
 
 
@@ -462,9 +523,9 @@ async def chat_completions(body: ChatRequest, state: State):
         reply = _Reply(rid, "chat.completion.chunk", state.model_name)
         opening = [_delta({"role": "assistant", "content": ""})]
         return await stream_response(
-            state.loop, prompt_ids, params, reply, _chat_chunks, opening=opening, include_usage=body.include_usage
+            state, prompt_ids, params, reply, _chat_chunks, opening=opening, include_usage=body.include_usage
         )
-    (result,) = await _run(state.loop, [prompt_ids], params)
+    (result,) = await _run(state, [prompt_ids], params)
     message = {"role": "assistant", "content": result.text}
     choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
     return _Reply(rid, "chat.completion", state.model_name).body([choice], usage=_usage([result]))
@@ -490,7 +551,7 @@ async def rag_answer(body: RagRequest, state: State) -> dict:
     except ValueError as error:  # an empty question, or max_tokens leaving no room for a prompt
         raise ApiError(400, str(error)) from error
     params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=state.end_of_turn())
-    (result,) = await _run(state.loop, [prompt_ids], params)
+    (result,) = await _run(state, [prompt_ids], params)
     grounded = cite(result.text.strip(), sources, prompt_tokens=len(prompt_ids), dropped=dropped)
     return {
         "answer": grounded.text,

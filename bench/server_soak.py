@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from tiny_hf.corpus import topic_documents
 from tiny_hf.results import RESULTS_DIR, write_results
@@ -88,10 +89,10 @@ def start_server(args, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def read_metrics(url: str) -> dict[str, float]:
-    """/metrics (Prometheus text) as {name: value}."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    pairs = (line.split() for line in text.splitlines() if line and not line.startswith("#"))
-    return {name.removeprefix("tiny_hf_"): float(value) for name, value in pairs}
+    """/metrics as {name: value} (unlabelled samples; `tiny_hf_` and a counter's `_total` left off)."""
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
+    samples = (sample for family in families for sample in family.samples if not sample.labels)
+    return {s.name.removeprefix("tiny_hf_").removesuffix("_total"): s.value for s in samples}
 
 
 def settle(url: str, seconds: float) -> tuple[dict[str, float], float]:

@@ -20,6 +20,7 @@ import schemathesis
 import torch
 import uvicorn
 from conftest import RAG_QUESTION, free_port
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.server import build_app
@@ -55,12 +56,10 @@ class LiveServer:
         )
 
     def metrics(self) -> dict:
-        text = httpx.get(self.url + "/metrics").text
-        return {
-            line.split()[0][len("tiny_hf_") :]: float(line.split()[1])
-            for line in text.splitlines()
-            if line and not line.startswith("#")
-        }
+        """/metrics through Prometheus' own parser: {name: value} of the unlabelled samples."""
+        families = text_string_to_metric_families(httpx.get(self.url + "/metrics").text)
+        samples = (sample for family in families for sample in family.samples if not sample.labels)
+        return {s.name.removeprefix("tiny_hf_").removesuffix("_total"): s.value for s in samples}
 
     def close(self):
         self.server.should_exit = True
@@ -104,8 +103,13 @@ def test_health_models_and_metrics(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["tiny"]
-    metrics = server.metrics()
-    assert {"queue_length", "running", "tokens_per_second", "generated_tokens"} <= metrics.keys()
+    before = server.metrics()
+    assert {"queue_length", "running", "tokens_per_second", "generated_tokens"} <= before.keys()
+    server.client().completions.create(model="tiny", prompt="The json module", max_tokens=3)
+    after = server.metrics()  # one more request timed: time to first token and latency histograms
+    for histogram in ("time_to_first_token_seconds", "request_latency_seconds"):
+        assert after[f"{histogram}_count"] == before[f"{histogram}_count"] + 1, (histogram, before, after)
+        assert after[f"{histogram}_sum"] > before[f"{histogram}_sum"]
 
 
 def test_completion_matches_generate(server, reference):

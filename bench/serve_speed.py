@@ -28,7 +28,7 @@ import torch
 
 from tiny_hf import TinyConfig, TinyForCausalLM
 from tiny_hf.engine import Engine, EngineLoop, SamplingParams
-from tiny_hf.results import RESULTS_DIR, write_results
+from tiny_hf.results import RESULTS_DIR, percentiles, write_results
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -190,18 +190,15 @@ def under_load(model, tokenizer, args, rng) -> dict:
     server.should_exit = True
     thread.join(timeout=30)
 
-    def pct(values, q):
-        return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-    ttft, latency = [r[0] for r in results], [r[1] for r in results]
+    ttft, latency = percentiles([r[0] for r in results]), percentiles([r[1] for r in results])
     return {
         "requests": len(jobs),
         "parallel": args.load_parallel,
         "tokens_per_s": sum(r[2] for r in results) / wall,
-        "ttft_p50_s": pct(ttft, 50),
-        "ttft_p99_s": pct(ttft, 99),
-        "latency_p50_s": pct(latency, 50),
-        "latency_p99_s": pct(latency, 99),
+        "ttft_p50_s": ttft["p50"],
+        "ttft_p99_s": ttft["p99"],
+        "latency_p50_s": latency["p50"],
+        "latency_p99_s": latency["p99"],
     }
 
 

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from tiny_hf.corpus import topic_documents
-from tiny_hf.results import RESULTS_DIR, write_results
+from tiny_hf.results import RESULTS_DIR, percentiles, write_results
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -207,13 +206,6 @@ async def run_load(url: str, jobs: list[dict], args, sample_rss) -> tuple[list[d
 # ---------------------------------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------------------------------
-def percentiles(values: list[float]) -> dict:
-    if len(values) < 2:
-        return {"n": len(values), "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    q = statistics.quantiles(values, n=100, method="inclusive")
-    return {"n": len(values), "p50": statistics.median(values), "p99": q[98], "max": max(values)}
-
-
 def status_counts(results: list[dict]) -> dict[str, int]:
     counts = Counter(str(r["status"]) for r in results)
     counts.update(f"stream {r['outcome']}" for r in results if r.get("outcome"))

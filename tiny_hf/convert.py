@@ -124,13 +124,21 @@ def save_stock_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
     that refuses remote code load it."""
     out_dir = Path(out_dir)
     tokenizer.save_pretrained(out_dir)
-    tokenizer_config = out_dir / "tokenizer_config.json"
-    data = json.loads(tokenizer_config.read_text())
-    if data.get("tokenizer_class") == "TinyTokenizerFast":
-        data["tokenizer_class"] = "PreTrainedTokenizerFast"
-        data.pop("auto_map", None)
-        tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if type(tokenizer).__name__ == "TinyTokenizerFast":
+        update_tokenizer_config(out_dir, tokenizer_class="PreTrainedTokenizerFast", auto_map=None)
     return out_dir
+
+
+def update_tokenizer_config(out_dir: Path, **changes) -> None:
+    """Set (None: remove) keys of a saved tokenizer's tokenizer_config.json."""
+    path = Path(out_dir) / "tokenizer_config.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
@@ -146,9 +154,6 @@ def export_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) ->
     (Unlike `register_for_auto_class`, this changes no class for the rest of the process.)"""
     out_dir = Path(out_dir)
     tokenizer.save_pretrained(out_dir)
-    tokenizer_config = out_dir / "tokenizer_config.json"
-    data = json.loads(tokenizer_config.read_text())
-    data["auto_map"] = TOKENIZER_AUTO_MAP
-    tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    update_tokenizer_config(out_dir, auto_map=TOKENIZER_AUTO_MAP)
     shutil.copyfile(PACKAGE_DIR / "tokenization_tiny.py", out_dir / "tokenization_tiny.py")
     return out_dir

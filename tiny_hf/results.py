@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import statistics
 from pathlib import Path
 
 RESULTS_DIR = Path("bench/results")
@@ -62,3 +63,11 @@ def write_results(name: str, figures: dict, table_md: str, results_dir: Path = R
         f"transformers {machine['transformers']}, tokenizers {machine['tokenizers']}; {machine['date']}.\n"
     )
     return json_path, md_path
+
+
+def percentiles(values: list[float]) -> dict:
+    """n, median (p50), p99 and max of a sample of timings (p99 by the inclusive method; NaN below 2 values)."""
+    if len(values) < 2:
+        return {"n": len(values), "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {"n": len(values), "p50": statistics.median(values), "p99": q[98], "max": max(values)}

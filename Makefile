@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e ".[train,finetune,app,dev,rag,llamacpp]"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet -e ".[train,finetune,eval,app,dev,rag,llamacpp]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 	@$(MAKE) --no-print-directory chromium

@@ -2,7 +2,8 @@
 
 The TRL-wrapping stages (sft, reward, dpo, grpo) take TRL's own config dataclass plus a small one of theirs; what
 they share lives here: the defaults they all set alike, where the trainer's files go, the LoRA config, the checks
-of positive counts and writing the summary.
+of positive counts and writing the summary. They log through the Trainer's own integrations, `--report-to
+tensorboard|trackio|wandb|none` (training/trackers.py): TensorBoard in `<out>/tb` by default.
 """
 
 from __future__ import annotations
@@ -10,19 +11,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from training.trackers import PROJECT, place_trainer_reports
+
 # TrainingArguments' output_dir when none is given: the stages replace it with <out>/trainer.
 _TRAINER_FALLBACK = "trainer_output"
 
 
 def trl_defaults() -> dict:
-    """The TRL config fields every stage here sets alike: no trainer checkpoints or reporting (each script writes its
-    own outputs), fp32 without activation checkpointing (TRL defaults to bf16 and checkpointing, which are slow or
-    unsupported on a CPU), the CPU when there is no GPU, no dataloader workers, and seed 0."""
+    """The TRL config fields every stage here sets alike: no trainer checkpoints (each script writes its own outputs),
+    TensorBoard reporting (trackio / wandb runs in the project "tiny-hf"), fp32 without activation checkpointing (TRL
+    defaults to bf16 and checkpointing, which are slow or unsupported on a CPU), the CPU when there is no GPU, no
+    dataloader workers, and seed 0."""
     import torch
 
     return {
         "save_strategy": "no",
-        "report_to": "none",
+        "report_to": "tensorboard",
+        "project": PROJECT,
         "use_cpu": not torch.cuda.is_available(),
         "bf16": False,
         "activation_checkpointing": False,
@@ -33,9 +38,11 @@ def trl_defaults() -> dict:
 
 def place_trainer_output(config, out: Path) -> None:
     """Point the trainer's own files at `<out>/trainer` unless `--output-dir` was given (TrainingArguments turns a
-    missing one into "trainer_output" in the working directory)."""
+    missing one into "trainer_output" in the working directory); check `--report-to` and name the trackio / wandb
+    run after `out`. TensorBoard's folder is set when the trainer is built (`trackers.trainer_tensorboard_dir`)."""
     if config.output_dir == _TRAINER_FALLBACK:
         config.output_dir = str(out / "trainer")
+    place_trainer_reports(config, out)
 
 
 def check_at_least_one(**values: int) -> None:

@@ -9,6 +9,7 @@ TRL's `DPOTrainer`.
 Options: every field of TRL's `DPOConfig` (`--loss-type`, `--beta`, `--label-smoothing`, `--max-length`,
 `--max-steps`, `--per-device-train-batch-size`, `--learning-rate`, ...; `--config file.yaml` too) and this stage's
 own (`DPOOptions`); the project's defaults where they differ from TRL's are `DEFAULTS`.
+Logs: `--report-to` (training/trackers.py), TensorBoard in `<out>/tb` by default, or trackio, wandb, none.
 
 DPO (Rafailov et al. 2023) trains the policy pi on pairs (x, y_w, y_l) with -log sigmoid(beta * (h(y_w) - h(y_l))),
 where h(y) = log pi(y|x) - log pi_ref(y|x): the reward model of RLHF is implicit, r(x, y) = beta * h(y), and the
@@ -39,6 +40,8 @@ from alignment import check_at_least_one, lora_config, place_trainer_output, trl
 from alignment.data import load_preference_dataset
 from tiny_hf.options import parse_options
 from tiny_hf.runs import model_path
+from training.model_card import record_stage
+from training.trackers import trainer_tensorboard_dir
 
 # What the trainer logs about the implicit reward (TRL's names), kept for the summary.
 LOGGED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = list(data["validation"].select(range(min(options.eval_examples, len(data["validation"])))))
 
     start = time.perf_counter()
-    trainer = train(model, reference, peft_config, tokenizer, data["train"], config)
+    with trainer_tensorboard_dir(options.out):
+        trainer = train(model, reference, peft_config, tokenizer, data["train"], config)
     model = trainer.model
     reference = model.disable_adapter if options.lora else reference
     after = preference_accuracy(model, reference, tokenizer, held_out, config.beta, config.max_length)
@@ -293,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     tiny_hf.save_model(model.merge_and_unload() if options.lora else model, tokenizer, options.out / "model")
     figures = summary_figures(options, config, data, held_out, after, trainer, minutes)
     write_summary("dpo", figures, summary_markdown(figures), options.out, options.results)
+    record_stage(options.out, "dpo", options, config)
     return figures
 
 

@@ -8,7 +8,8 @@ module of the standard library defines `name`?", whose answer code can check.
 Options: every field of TRL's `GRPOConfig` (with `--algo rloo`: `RLOOConfig`): `--num-generations`,
 `--max-completion-length`, `--temperature`, `--beta`, `--max-steps`, `--per-device-train-batch-size`,
 `--learning-rate`, ...; `--config file.yaml` too; and this stage's own (`GRPOOptions`). The project's defaults where
-they differ from TRL's are `DEFAULTS`.
+they differ from TRL's are `DEFAULTS`. Logs: `--report-to` (training/trackers.py), TensorBoard in `<out>/tb` by
+default, or trackio, wandb, none.
 
 Both sample `--num-generations` answers per prompt and score each; neither has a value model. The advantage of an
 answer is its reward against the others of its group: GRPO (Shao et al. 2024, DeepSeekMath) subtracts the group's
@@ -51,6 +52,8 @@ from tiny_hf.chat import chat_generate, end_of_turn_ids
 from tiny_hf.options import parse_options
 from tiny_hf.results import markdown_cell
 from tiny_hf.runs import model_path
+from training.model_card import record_stage
+from training.trackers import trainer_tensorboard_dir
 
 ALGOS = ("grpo", "rloo")
 # What the trainers log per step that the summary keeps (TRL's names; `kl` only when beta > 0).
@@ -257,6 +260,9 @@ def train(options: GRPOOptions, config, model, tokenizer, rewards: tuple[list, l
         reward_processing_classes=rewards[1],
         peft_config=lora_config(options.rank, "CAUSAL_LM") if options.lora else None,
     )
+    # The Auto class of `load_policy` has built the reference by now; the trackers store the config as JSON, which
+    # a class is not (TensorBoard's callback would raise TypeError).
+    (config.model_init_kwargs or {}).pop("architecture", None)
     trainer.train()
     return trainer
 
@@ -271,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     before = exact_match(model, tokenizer, held_out, config.max_completion_length)
     print(f"held-out exact match before {options.algo.upper()}: {before['exact_match']:.1%}")
-    trainer = train(options, config, model, tokenizer, rewards, data["train"])
+    with trainer_tensorboard_dir(options.out):
+        trainer = train(options, config, model, tokenizer, rewards, data["train"])
     model = trainer.model.merge_and_unload() if options.lora else trainer.model
     after = exact_match(model, tokenizer, held_out, config.max_completion_length)
     minutes = (time.perf_counter() - start) / 60
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     tiny_hf.save_model(model, tokenizer, options.out / "model")
     figures = summary_figures(options, config, data, held_out, before, after, trainer, minutes)
     write_summary(options.algo, figures, summary_markdown(figures), options.out, options.results)
+    record_stage(options.out, options.algo, options, config)
     return figures
 
 

@@ -24,10 +24,11 @@ One PPO step (Ziegler et al. 2019; Ouyang et al. 2022; the details of Huang et a
 
 The reference is a frozen copy of the SFT model, or with `--lora` the same network with its adapters disabled. Each
 step logs score, KL, entropy, clip fraction, approx KL, value loss, explained variance, response length and the
-seconds spent in rollout/scoring/update (training/run_log.py: metrics.jsonl and TensorBoard); checkpoints (policy,
-value head, optimizer, RNG, step, KL coefficient; training/checkpoint.py) are written atomically, the last K kept,
-and `--resume` continues so that, on one CPU process, the following steps log the same numbers as an uninterrupted
-run. At the end the policy is exported to <out>/model (merged if LoRA) and summary.json holds first/last score and KL.
+seconds spent in rollout/scoring/update (training/run_log.py: metrics.jsonl, and the `--report-to` trackers of
+training/trackers.py: TensorBoard in <out>/tb by default, trackio, wandb); checkpoints (policy, value head,
+optimizer, RNG, step, KL coefficient; training/checkpoint.py) are written atomically, the last K kept, and `--resume`
+continues so that, on one CPU process, the following steps log the same numbers as an uninterrupted run. At the end
+the policy is exported to <out>/model (merged if LoRA) and summary.json holds first/last score and KL.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ from training.checkpoint import (
     save_torch,
     write_checkpoint,
 )
+from training.model_card import stage_facts, write_model_card
 from training.run_log import RunLog, read_metrics, write_run_config
+from training.trackers import check_report_to
 
 TASKS = ("verifiable", "docs")
 # Reward functions by name, TRL's signature: fn(prompts=..., completions=..., completion_ids=..., **columns) -> floats.
@@ -142,6 +145,9 @@ class PPOOptions:
     save_every: int = 50
     keep_last: int = 2
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "trackers: tensorboard, trackio, wandb or none (comma-separated)"}
+    )
     no_progress: bool = False
     # --- system ---
     seed: int = 0
@@ -177,6 +183,7 @@ def check_options(options: PPOOptions) -> None:
             raise ValueError(f"--{name}={getattr(options, name)} must be in [0, 1]")
     if options.reward_model is None and not options.reward_fn:
         raise ValueError("no reward: pass --reward-model DIR and/or --reward-fn NAME")
+    check_report_to(options.report_to)
     for spec in options.reward_fn:
         load_reward_fn(spec)
     if options.task not in TASKS and not Path(options.task).is_file():
@@ -564,7 +571,7 @@ def setup(options: PPOOptions) -> PPORun:
         start_step, kl_controller.value = state["step"], state["kl_coef"]
         print(f"resumed from {resume_from} at step {start_step}")
     else:
-        write_run_config(options.out, options, stop_token_id=stop_id, prompts=len(rows))
+        write_run_config(options.out, options, **stage_facts("ppo", options), stop_token_id=stop_id, prompts=len(rows))
     engine = make_engine(model.policy, tokenizer, options.batch_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
@@ -588,7 +595,7 @@ def setup(options: PPOOptions) -> PPORun:
         kl_controller,
         engine,
         start_step,
-        RunLog(options.out, start_step),
+        RunLog(options.out, start_step, report_to=options.report_to),
     )
 
 
@@ -704,6 +711,7 @@ def finish(run: PPORun) -> dict:
         "model_dir": str(options.out / "model"),
     }
     (options.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_model_card(options.out)
     return summary
 
 

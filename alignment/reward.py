@@ -7,6 +7,7 @@
 Options: every field of TRL's `RewardConfig` (`--max-steps`, `--per-device-train-batch-size`, `--learning-rate`,
 `--max-length`, `--center-rewards-coefficient`, ...; `--config file.yaml` too) and this stage's own
 (`RewardOptions`); the project's defaults where they differ from TRL's are `DEFAULTS`.
+Logs: `--report-to` (training/trackers.py), TensorBoard in `<out>/tb` by default, or trackio, wandb, none.
 
 The model is the SFT run loaded as `AutoModelForSequenceClassification` with one label: the causal LM's body and a
 new `score` head read at the last real token (TinyForSequenceClassification). The loss is Bradley-Terry's
@@ -34,6 +35,8 @@ from alignment import check_at_least_one, lora_config, place_trainer_output, trl
 from alignment.data import load_preference_dataset
 from tiny_hf.options import parse_options
 from tiny_hf.runs import model_path
+from training.model_card import record_stage
+from training.trackers import trainer_tensorboard_dir
 
 ACCURACY_GOAL = 0.9
 # RewardConfig fields whose project default differs from TRL's (with alignment.trl_defaults).
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     before = pairwise_accuracy(model, tokenizer, held_out, config.max_length)
     print(f"held-out pairwise accuracy before training: {before['accuracy']:.1%}")
-    trainer = train(model, tokenizer, peft_config, data["train"], config)
+    with trainer_tensorboard_dir(options.out):
+        trainer = train(model, tokenizer, peft_config, data["train"], config)
     model = trainer.model.merge_and_unload() if options.lora else trainer.model
     after = pairwise_accuracy(model, tokenizer, held_out, config.max_length)
     minutes = (time.perf_counter() - start) / 60
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_margins(before["margins"], after["margins"], options.out / "margins.png")
     figures = summary_figures(options, config, data, held_out, before, after, trainer, minutes)
     write_summary("reward_model", figures, summary_markdown(figures), options.out, options.results)
+    record_stage(options.out, "reward", options, config)
     if options.results is not None:
         plot_margins(before["margins"], after["margins"], options.results / "reward_margins.png")
     return figures

@@ -7,6 +7,7 @@
 Options: every field of TRL's `SFTConfig` (`--max-steps`, `--per-device-train-batch-size`, `--learning-rate`,
 `--max-length`, `--packing-strategy`, ...; `--config file.yaml` too) and this stage's own (`SFTOptions`). The
 project's defaults where they differ from TRL's are `DEFAULTS` (and `alignment.trl_defaults`).
+Logs: `--report-to` (training/trackers.py), TensorBoard in `<out>/tb` by default, or trackio, wandb, none.
 
 The chat template (ChatML, with `{% generation %}` markers around assistant turns) turns each conversation into
 tokens, and the loss counts only the assistant's tokens (`assistant_only_loss`): the model learns to answer, not to
@@ -34,6 +35,8 @@ from tiny_hf.chat import chat_generate
 from tiny_hf.options import parse_options
 from tiny_hf.results import markdown_cell
 from tiny_hf.runs import model_path
+from training.model_card import record_stage
+from training.trackers import trainer_tensorboard_dir
 
 # SFTConfig fields whose project default differs from TRL's (with alignment.trl_defaults): what a run on the demo
 # model needs; `max_length` is also capped at the model's window.
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     before = evaluate(model, tokenizer, held_out, options)
     print(f"held-out assistant loss before SFT: {before['loss']:.3f}")
-    trainer = train(model, tokenizer, data["train"], config)
+    with trainer_tensorboard_dir(options.out):
+        trainer = train(model, tokenizer, data["train"], config)
     after = evaluate(trainer.model, tokenizer, held_out, options)
     minutes = (time.perf_counter() - start) / 60
     print(f"held-out assistant loss after SFT: {after['loss']:.3f} ({minutes:.1f} min)")
@@ -183,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     tiny_hf.save_model(trainer.model, tokenizer, options.out / "model")
     figures = summary_figures(options, config, data, held_out, before, after, trainer, minutes)
     write_summary("sft", figures, summary_markdown(figures), options.out, options.results)
+    record_stage(options.out, "sft", options, config)
     return figures
 
 

@@ -26,8 +26,10 @@ The rewrite, applied in this order, so lexical overlap with the chunk is partial
 Metrics as BEIR computes them with pytrec_eval (Thakur et al. 2021): recall@k = |relevant in the top k| /
 |relevant|; MRR@10 = 1 / rank of the first relevant hit in the top 10 (0 if none); nDCG@10 with linear gain (the
 relevance grade) and a log2(rank + 1) discount, divided by the ideal DCG of the qrels. Each is averaged over the
-queries. Ties in score are broken by the lower chunk index (trec_eval breaks them by document name; any fixed rule
-makes runs repeatable, and it matters: see the tests).
+queries, and equals ranx's recall@k, mrr@10 and ndcg@10 (tests/test_rag_eval.py). With one relevant chunk per query,
+recall@k is also the hit rate (ranx hit_rate@k, trec_eval success@k). Ties in score are broken by the lower chunk
+index (trec_eval breaks them by document name, ranx leaves them to an unstable sort; any fixed rule makes runs
+repeatable, and it matters: see the tests).
 
 CLI: `tiny-hf rag-eval --index DIR` (an index built by rag.index) or `tiny-hf rag-eval --data embedded
 --max-docs 60` (builds a small index in memory, on a fixed pseudo-random sample of documents).

@@ -5,8 +5,8 @@
     tiny-hf report --quick -- --data notes/ --tokenizer my-tokenizer   # extra pretrain.py flags
 
 Sections: machine and versions; corpus and tokenizer (bytes per token against WordPiece and Unigram); training
-curves and ablations; validation loss and bits per byte; fine-tuning, SFT and the alignment table; quantization and
-pruning; serving speed; RAG recall; the long-context heatmap.
+curves and ablations; validation loss and bits per byte; standard evaluation (lm-evaluation-harness); fine-tuning,
+SFT and the alignment table; quantization and pruning; serving speed; RAG recall; the long-context heatmap.
 
 Where the figures come from, in order, and each section says which it used:
 1. this run: the pretraining run folder (`--run`, default `runs/demo`: `make demo`), the stage folders inside it
@@ -417,6 +417,51 @@ def validation_section(card: Card, ctx: dict) -> Section:
     return Section("Validation loss and bits per byte", f"this run ({card.link(run / 'metrics.jsonl')})", body)
 
 
+EVAL_RUNS = (
+    "sft",
+    "dpo",
+    "grpo",
+    "rloo",
+    "ppo",
+)  # later stages' run folders under --runs that `tiny-hf eval` may fill
+
+
+def harness_results(ctx: dict) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(name, results.json) of every evaluated run (this run, then the stages under --runs), else the committed
+    `eval_*.json`; and the files read."""
+    folders = ([("this run", ctx["run"])] if ctx["run"] is not None else []) + [
+        (name, ctx["runs"] / name) for name in EVAL_RUNS
+    ]
+    found = [(name, folder / "eval" / "results.json") for name, folder in folders]
+    found = [(name, path) for name, path in found if path.is_file()]
+    if not found:
+        found = [(path.stem.removeprefix("eval_"), path) for path in sorted(ctx["results"].glob("eval_*.json"))]
+    return [(name, json.loads(path.read_text())) for name, path in found], [str(path) for _, path in found]
+
+
+def evaluation_section(card: Card, ctx: dict) -> Section:
+    title = "Standard evaluation (lm-evaluation-harness)"
+    evaluated, files = harness_results(ctx)
+    if not evaluated:
+        return Section(title, "none", ["No standard evaluation: run `tiny-hf eval --model runs/demo`."])
+    rows = []
+    for name, results in evaluated:
+        for task, metrics in results["tasks"].items():
+            for metric in ("bits_per_byte", "acc", "acc_norm", "exact_match"):
+                if metric in metrics:
+                    stderr = metrics.get(f"{metric}_stderr")
+                    rows.append([name, task, metrics.get("n"), metric, fmt(metrics[metric]), fmt(stderr)])
+    body = table(["model", "task", "n", "metric", "value", "± stderr"], rows)
+    body += [
+        "",
+        "The project's tasks (alignment/eval_tasks/): held-out bits per byte of each document scored whole, a "
+        "four-way choice of the span that continues a held-out passage (chance 0.25), and greedy exact match on the "
+        "verifiable task's held-out questions. Standard errors as the harness reports them.",
+    ]
+    source = ", ".join(card.link(Path(f)) for f in files)
+    return Section(title, source, body)
+
+
 def stage_summary(ctx: dict, run_name: str, result_name: str | None) -> tuple[dict | None, str | None]:
     """A stage's figures: `<runs>/<run_name>/summary.json`, else committed `<results>/<result_name>.json`."""
     path = ctx["runs"] / run_name / "summary.json"
@@ -671,6 +716,7 @@ SECTIONS: list[Callable[[Card, dict], Section]] = [
     tokenizer_section,
     training_section,
     validation_section,
+    evaluation_section,
     alignment_section,
     compression_section,
     serving_section,

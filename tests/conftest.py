@@ -19,6 +19,8 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+for _remote in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"):  # trackio logs locally only (see _trackio_dir)
+    os.environ.pop(_remote, None)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,6 +30,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _trackio_dir(tmp_path_factory):
+    """trackio's database in a temporary folder, not ~/.cache/huggingface/trackio. trackio reads TRACKIO_DIR once,
+    when it is first imported (by a test, never at collection), so the whole session shares this one."""
+    os.environ["TRACKIO_DIR"] = str(tmp_path_factory.mktemp("trackio"))
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +53,48 @@ def tiny_config(**overrides):
         vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
     )
     return TinyConfig(**{**fields, **overrides})
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
+    """step -> value of the scalar `tag` in the TensorBoard event files of `folder`, read with TensorBoard's own
+    reader (which hides the events a resumed run purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+
+
+def trackio_logs(run: str) -> list[dict]:
+    """The records trackio stored for `run` in the project every stage logs to, read from its local database."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    from training.trackers import PROJECT
+
+    return SQLiteStorage.get_logs(PROJECT, run)
+
+
+def trackio_config(run: str) -> dict:
+    """The config trackio stored with `run` (the project every stage logs to)."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    from training.trackers import PROJECT
+
+    return SQLiteStorage.get_run_config(PROJECT, run) or {}
+
+
+@pytest.fixture
+def connections(monkeypatch) -> list:
+    """Every address a socket tries to connect to during the test (the test asserts it stays empty: offline)."""
+    tried = []
+    connect = socket.socket.connect
+
+    def record(self, address):
+        tried.append(address)
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", record)
+    return tried
 
 
 def free_port() -> int:
@@ -186,3 +237,19 @@ def rag_index(rag_index_dir):
     from rag.index import load_rag_index
 
     return load_rag_index(str(rag_index_dir))
+
+
+def check_stage_record(out: Path, stage: str, model_dir: str = "model", base_run: Path | None = None):
+    """What every stage leaves (training/model_card.py): run_config.json naming the stage, and a model card with the
+    Hub's metadata in the model folder, loaded with huggingface_hub's own parser. Returns (run_config, card)."""
+    from huggingface_hub import ModelCard
+
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["stage"] == stage
+    if base_run is not None:
+        assert Path(config["base_run"]) == base_run
+    card = ModelCard.load(out / model_dir / "README.md")
+    assert card.data.library_name in ("transformers", "peft") and card.data.pipeline_tag
+    assert "tiny-hf" in card.data.tags and stage in card.data.tags
+    assert "## Usage" in card.text and "## Training" in card.text and str(out.parent) not in card.text
+    return config, card

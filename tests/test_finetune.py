@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import check_stage_record, tiny_config
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import (
@@ -191,6 +191,10 @@ def test_causal_lm_lora_on_a_run_folder_improves_saves_reloads_and_merges(worksp
     out = tmp_path / "lora"
     summary = finetune.main(finetune_args(workspace / "run", out, "--merge"))
     assert summary == json.loads((out / "summary.json").read_text())
+    _, adapter_card = check_stage_record(out, "lora", "adapter", base_run=workspace / "run")
+    _, merged_card = check_stage_record(out, "lora", "merged")
+    assert adapter_card.data.library_name == "peft" and "AutoPeftModelForCausalLM" in adapter_card.text
+    assert merged_card.data.library_name == "transformers"
     assert summary["target_modules"] == finetune.TARGET_MODULES["tiny"]
     assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
     assert set(summary["before"]) == {"val_loss", "val_perplexity", "val_bits_per_byte"}

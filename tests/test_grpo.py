@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import check_stage_record
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment import grpo
@@ -98,6 +99,7 @@ def test_grpo_and_rloo_train_with_python_rewards(tiny_lm_dir, questions, tmp_pat
     for key in ("held_out_exact_match_before", "held_out_exact_match_after"):
         assert 0.0 <= figures[key] <= 1.0
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(figures))
+    check_stage_record(out, algo)
     assert "Tied groups" in (out / "summary.md").read_text() and (tmp_path / "results" / f"{algo}.md").exists()
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert not any("lora" in name for name, _ in model.named_parameters())

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import check_stage_record, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment import ppo
@@ -92,6 +92,7 @@ def read_metrics(out):
 def test_toy_reward_rises_with_bounded_kl(tiny_lm_dir, prompts, tmp_path):
     out = tmp_path / "ppo"
     summary = ppo.main(ppo_args(tiny_lm_dir, prompts, out, "--save-every", "10", steps=24))
+    check_stage_record(out, "ppo")
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, 25))
     scores = [r["score"] for r in records]

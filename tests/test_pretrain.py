@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import free_port
+from conftest import check_stage_record, free_port, tensorboard_scalars, trackio_config, trackio_logs
 from transformers import AutoModelForCausalLM
 
 from tiny_hf.bpe import train_tokenizer
@@ -81,8 +81,22 @@ def test_two_steps_write_a_complete_run_folder(workspace, tmp_path):
         assert (out / name).exists(), name
     assert (out / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
     assert sorted(records(out, "loss")) == [1, 2]
+    assert tensorboard_scalars(out / "tb", "loss") == pytest.approx(records(out, "loss"))  # the default tracker
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.hidden_size == 32 and model.config.vocab_size == 400
+    _, card = check_stage_record(out, "pretrain")
+    assert "custom_code" in card.data.tags and "trust_remote_code=True" in card.text
+    assert [r.metric_type for r in card.data.eval_results] == ["loss", "bits_per_byte"]  # the held-out validation
+
+
+def test_trackio_logs_the_run_offline(workspace, tmp_path, connections):
+    out = tmp_path / "run"
+    pretrain.main(args_for(workspace, out, "--max-steps", "3", "--report-to", "trackio"))
+    logged = trackio_logs(str(out))
+    assert {r["step"]: r["loss"] for r in logged if "loss" in r} == records(out, "loss")
+    assert {r["step"]: r["val_loss"] for r in logged if "val_loss" in r} == records(out, "val_loss")
+    assert trackio_config(str(out))["max_steps"] == 3  # run_config.json, stored with the run
+    assert not (out / "tb").exists() and connections == []
 
 
 def test_loss_falls_and_evaluation_reports_bits_per_byte(workspace, tmp_path):

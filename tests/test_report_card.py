@@ -18,6 +18,7 @@ TITLES = [
     "Corpus and tokenizer",
     "Training curves and ablations",
     "Validation loss and bits per byte",
+    "Standard evaluation (lm-evaluation-harness)",
     "Fine-tuning, SFT and alignment",
     "Quantization and pruning",
     "Serving speed",

@@ -5,7 +5,7 @@ tiny_hf."""
 import json
 
 import pytest
-from conftest import run_without_tiny_hf
+from conftest import check_stage_record, run_without_tiny_hf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment import reward
@@ -85,6 +85,8 @@ def test_reward_model_learns_held_out_preferences_and_loads_without_tiny_hf(tiny
     assert figures["last_train_loss"] < figures["first_train_loss"]
     assert (out / "margins.png").stat().st_size > 0 and (tmp_path / "results" / "reward_model.md").exists()
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(figures))
+    _, card = check_stage_record(out, "reward")
+    assert card.data.pipeline_tag == "text-classification" and "AutoModelForSequenceClassification" in card.text
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "model")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_without_tiny_hf, tiny_config
+from conftest import check_stage_record, run_without_tiny_hf, tiny_config
 from transformers import AutoTokenizer
 
 from alignment import sft
@@ -116,6 +116,10 @@ def test_sft_lowers_the_held_out_loss_and_writes_the_report(tiny_run, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    config, card = check_stage_record(out, "sft")
+    assert config["trainer"]["max_steps"] == 30 and config["base_model"] == str(tiny_run) and not config["base_run"]
+    assert card.data.base_model is None  # a local base: the card names it in the text, not as a Hub id
+    assert f"starting from `{tiny_run.name}`" in card.text and "| before SFT |" in card.text  # the stage's own table
 
 
 @pytest.mark.slow

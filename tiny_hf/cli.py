@@ -23,10 +23,11 @@ STAGES: dict[str, tuple[str, str]] = {
     # 1. Foundations: data, tokenizer, model
     "corpus": ("tiny_hf.corpus", "write the embedded corpus (pydoc topics + stdlib docstrings) to text files"),
     "tokenizer": ("training.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
+    "fetch": ("training.fetch", "fetch a pretrained chat model (SmolLM2-135M-Instruct) into a run folder, offline"),
     # 2. Training
     "pretrain": ("training.pretrain", "pretrain a model from scratch (Accelerate; `accelerate launch -m` for more)"),
     "ablate": ("training.ablate", "compare pretraining options side by side, several seeds"),
-    "eval": ("training.evaluation", "validation loss, perplexity and bits per byte of a model on a run's data"),
+    "eval": ("alignment.harness", "lm-evaluation-harness: held-out bits per byte, a corpus quiz, the verifiable task"),
     "demo": ("training.demo", "the main job: corpus, tokenizer and a small model trained end to end"),
     "sft": ("alignment.sft", "supervised fine-tuning on chat data (TRL SFTTrainer)"),
     "lora": ("training.finetune", "LoRA / QLoRA fine-tuning with PEFT"),

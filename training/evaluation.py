@@ -2,10 +2,8 @@
 
 The measure every later stage reports against its base run (fine-tuning, quantization, pruning): the same
 validation blocks the run was evaluated on during pretraining (rebuilt from its `run_config.json`), the same
-`evaluate` metric module.
-
-    tiny-hf eval --model runs/demo                  # the run's own validation blocks
-    tiny-hf eval --model runs/sft --run runs/demo   # another model on that run's blocks
+`evaluate` metric module. `document_bits_per_byte` scores whole documents the way lm-evaluation-harness's
+`loglikelihood_rolling` does, so `tiny-hf eval` (alignment/harness.py) can show the two agree.
 
     from training.evaluation import validation_set, evaluate_lm
     blocks, byte_lengths = validation_set("runs/demo", tokenizer)
@@ -16,16 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tiny_hf.metrics import load_lm_metric
-from tiny_hf.options import parse_options
-from tiny_hf.runs import model_path, resolve_model
-from training.data import build_datasets, token_byte_lengths
+from training.data import build_datasets, load_documents, parse_data_spec, token_byte_lengths
 
 
 def validation_set(run_dir: str | Path, tokenizer, max_blocks: int | None = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,36 +90,34 @@ def evaluate_lm(model, blocks: torch.Tensor, byte_lengths: torch.Tensor, batch_s
     return metrics_from_sums(loss_sums(model, blocks, byte_lengths, batch_size=batch_size))
 
 
-@dataclass
-class EvalOptions:
-    model: str = field(default="runs/demo", metadata={"help": "a run folder, a model folder or a Hub id"})
-    run: str | None = field(
-        default=None, metadata={"help": "the pretraining run whose validation blocks to use (default: --model)"}
-    )
-    eval_blocks: int = field(default=64, metadata={"help": "validation blocks to score (0: all)"})
-    batch_size: int = field(default=16)
-    device: str = field(default="cpu")
+def validation_documents(run_dir: str | Path) -> list[str]:
+    """The held-out documents of a pretraining run folder (every source of its data spec), as text."""
+    config = json.loads((Path(run_dir) / "run_config.json").read_text())
+    texts = []
+    for source, _ in parse_data_spec(config["data"]):
+        docs = load_documents(
+            source, val_fraction=config.get("val_fraction", 0.05), cache_dir=config.get("cache_dir", "data")
+        )
+        texts += list(docs["validation"]["text"])
+    return texts
 
 
-def main(argv: list[str] | None = None) -> dict:
-    (options,) = parse_options(EvalOptions, argv=argv, description=__doc__)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import tiny_hf  # noqa: F401 (registers the Auto classes)
-
-    if options.run is not None and not (Path(options.run) / "run_config.json").is_file():
-        raise ValueError(f"--run {options.run}: not a pretraining run folder (it has no run_config.json)")
-    path, folders = resolve_model(model_path("--model", options.model))
-    run_dir = options.run or next((f for f in folders if (f / "run_config.json").is_file()), path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(options.device)
-    blocks, byte_lengths = validation_set(run_dir, tokenizer, max_blocks=options.eval_blocks or None)
-    result = evaluate_lm(model, blocks, byte_lengths, batch_size=options.batch_size)
-    print(json.dumps(result, indent=2))
-    return result
-
-
-if __name__ == "__main__":
-    from tiny_hf.cli import run_main
-
-    run_main(main)
+@torch.no_grad()
+def document_bits_per_byte(model, tokenizer, texts: list[str], window: int, prefix_token_id: int) -> float:
+    """Bits per UTF-8 byte of `texts`, each scored alone after `prefix_token_id` in windows of `window` tokens that
+    predict disjoint spans, the last one with the tokens before it as context: lm-evaluation-harness's rolling
+    loglikelihood (context 1). -sum(log p) / bytes / ln 2."""
+    model.eval()
+    device = next(model.parameters()).device
+    nats, num_bytes = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        inputs = [prefix_token_id, *ids]  # inputs[j] is the token before ids[j]
+        for start in range(0, len(ids), window):
+            end = min(start + window, len(ids))
+            context = max(0, end - window)
+            logits = model(input_ids=torch.tensor([inputs[context:end]], device=device), use_cache=False).logits
+            targets = torch.tensor(ids[start:end], device=device)
+            nats += F.cross_entropy(logits[0, start - context :].float(), targets, reduction="sum").item()
+        num_bytes += len(text.encode("utf-8"))
+    return nats / num_bytes / math.log(2)

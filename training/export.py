@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tiny_hf.options import parse_options
 from tiny_hf.runs import model_path
+from training.model_card import write_model_card
 
 FORMATS = ("hf", "llama", "gguf", "adapter")
 DTYPES = {"hf": ("f32", "f16", "bf16"), "llama": ("f32", "f16", "bf16"), "gguf": ("f32", "f16", "q8_0")}
@@ -123,6 +124,17 @@ def gguf_file(options: ExportOptions) -> Path:
     return out if out.suffix == ".gguf" else out / f"{Path(options.model.rstrip('/')).name}.{options.dtype}.gguf"
 
 
+def source_folder(model: str, out: Path) -> Path:
+    """The run folder whose files describe the exported model (its card's source): a local run, model or adapter
+    folder, or the export itself for a Hub id."""
+    from tiny_hf.runs import resolve_model
+
+    if adapter_folder(model) is not None:
+        return Path(model)
+    folders = resolve_model(model)[1]
+    return folders[0] if folders else out
+
+
 def main(argv: list[str] | None = None) -> dict:
     (options,) = parse_options(ExportOptions, argv=argv, description=__doc__)
     check_options(options)
@@ -142,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         eos = end_of_turn_ids(tokenizer) if tokenizer.chat_template else None
         written = write_gguf(as_llama(model, options), tokenizer, gguf_file(options), options.dtype, eos_ids=eos)
+    if options.format != "gguf":
+        write_model_card(source_folder(options.model, options.out), options.out)
     summary = {"out": str(written), "format": options.format, "dtype": options.dtype}
     print(json.dumps(summary))
     return summary

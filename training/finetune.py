@@ -14,7 +14,8 @@ QLoRA (Dettmers et al. 2023) does the same over a base quantized to 4-bit NF4 wi
 4. Training: transformers' Trainer; every `TrainingArguments` field is an option (--learning-rate,
    --per-device-train-batch-size, --max-steps, --use-cpu, ...; TRAINER_DEFAULTS holds where ours differ). Before and
    after it: validation loss, perplexity and bits per byte (training/evaluation.py, the run's own validation blocks
-   for a run folder), or accuracy for seq-cls.
+   for a run folder), or accuracy for seq-cls. Logs: `--report-to` (training/trackers.py), TensorBoard in `<out>/tb`
+   by default, or trackio, wandb, none.
 5. Output in --out: adapter/ (reloaded with `PeftModel.from_pretrained` to check it gives the same logits),
    merged/ with --merge (`merge_and_unload` into a full-precision base: a plain model folder), summary.json.
 """
@@ -53,6 +54,9 @@ from tiny_hf.quantization import bnb_cpu_blocks
 from tiny_hf.runs import resolve_model
 from training.data import build_datasets, token_byte_lengths
 from training.evaluation import evaluate_lm, validation_set
+from training.model_card import record_stage
+from training.run_log import find_pretraining_run
+from training.trackers import PROJECT, place_trainer_reports, trainer_tensorboard_dir
 
 TASKS = {
     "causal-lm": (AutoModelForCausalLM, TaskType.CAUSAL_LM),
@@ -107,7 +111,8 @@ TRAINER_DEFAULTS = {
     "lr_scheduler_type": "cosine",
     "logging_steps": 10,
     "save_strategy": "no",  # the adapter is saved once, at the end
-    "report_to": "none",
+    "report_to": "tensorboard",  # in <out>/tb; trackio / wandb runs in the project "tiny-hf"
+    "project": PROJECT,
     "seed": 0,
     "remove_unused_columns": False,  # packed blocks and padded batches hold exactly the model's inputs
     "output_dir": "",  # empty: --out (transformers would make ./trainer_output)
@@ -144,11 +149,12 @@ class LoraOptions:
 
 def parse_args(argv: list[str] | None = None) -> tuple[LoraOptions, TrainingArguments]:
     """Our options and the Trainer's. The Trainer's output_dir is --out unless --output-dir is given (with
-    save_strategy 'no' it writes nothing there)."""
+    save_strategy 'no' it writes nothing there); `--report-to` is checked here, before anything loads."""
     training, options = parse_options(
         TrainingArguments, LoraOptions, argv=argv, description=__doc__, defaults=TRAINER_DEFAULTS
     )
     training.output_dir = training.output_dir or str(options.out)
+    place_trainer_reports(training, options.out)
     return options, training
 
 
@@ -391,7 +397,7 @@ def setup(options: LoraOptions, seed: int) -> Setup:
         source, folders = resolve_model(options.model)
     except FileNotFoundError as error:
         raise ValueError(f"--model {options.model}: {error}") from None
-    run_dir = next((folder for folder in folders if (folder / "run_config.json").is_file()), None)
+    run_dir = find_pretraining_run(folders)
     tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or source)
     if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none; padding only ever pads seq-cls batches
         tokenizer.pad_token = tokenizer.eos_token
@@ -471,7 +477,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{options.task} on {options.model}: LoRA r={options.r} alpha={options.lora_alpha} on {run.targets}")
     print(f"before: {before}")
 
-    trainer = Trainer(model=model, args=training, train_dataset=run.train_ds, data_collator=run.collator)
+    with trainer_tensorboard_dir(options.out):
+        trainer = Trainer(model=model, args=training, train_dataset=run.train_ds, data_collator=run.collator)
     trainer.train()
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
     after = run.measure(model)
@@ -499,6 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    record_stage(options.out, "lora", options, training, model_dirs=("adapter", "merged"))
     print(json.dumps({key: summary[key] for key in ("before", "after", "merged") if key in summary}))
     return summary
 

@@ -39,6 +39,7 @@ from tiny_hf.results import write_results
 from tiny_hf.runs import resolve_model
 from training.adapt import train_on_blocks
 from training.data import build_datasets
+from training.run_log import find_pretraining_run
 
 SCALINGS = ("none", "linear", "dynamic", "yarn")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -250,7 +251,7 @@ class Bench:
 def load_bench(options: LongContextOptions) -> Bench:
     """Resolve the run and build the long blocks; bad variants, factors and non-RoPE models fail before measuring."""
     model_dir, folders = resolve_model(options.model)
-    run_dir = next((f for f in folders if (f / "run_config.json").is_file()), None)
+    run_dir = find_pretraining_run(folders)
     if run_dir is None:
         raise FileNotFoundError(f"--model {options.model} is not a pretraining run folder: it has no run_config.json")
     run = json.loads((run_dir / "run_config.json").read_text())

@@ -9,8 +9,9 @@ What happens, top to bottom:
    clipping, optional z-loss, a guard that skips steps whose loss is NaN/inf or spikes, a sequence-length
    curriculum. Evaluation every N steps: validation loss, perplexity and bits per byte through a local `evaluate`
    metric, plus generated samples.
-4. Output: `--out` gets metrics.jsonl, TensorBoard logs (tb/), checkpoints (checkpoints/step-N, written atomically,
-   the last K kept), and at the end the exported model (model/), loss_curve.png and summary.md.
+4. Output: `--out` gets metrics.jsonl, the trackers' logs (`--report-to`, training/trackers.py: TensorBoard in tb/
+   by default, trackio, wandb), checkpoints (checkpoints/step-N, written atomically, the last K kept), and at the
+   end the exported model (model/), loss_curve.png and summary.md.
 
 An interrupted run continues with `--resume`: model, optimizer, scheduler, RNG and data position come back, so on
 one CPU process the resumed run's losses equal the uninterrupted run's step for step.
@@ -60,7 +61,9 @@ from training.checkpoint import (
 )
 from training.data import SequenceLengthSchedule, build_datasets, token_byte_lengths, training_texts
 from training.evaluation import loss_sums, metrics_from_sums
+from training.model_card import write_model_card
 from training.run_log import RunLog, write_run_config
+from training.trackers import check_report_to
 
 SAMPLE_PROMPTS = ["The json module", "A list is", "To open a file"]
 
@@ -110,6 +113,9 @@ class PretrainOptions:
     eval_blocks: int = field(default=64, metadata={"help": "validation blocks per evaluation (0 = all)"})
     sample_tokens: int = field(default=40, metadata={"help": "tokens per sample at each evaluation"})
     log_every: int = 10
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "trackers: tensorboard, trackio, wandb or none (comma-separated)"}
+    )
     no_progress: bool = False
     # --- checkpoints ---
     out: Path = Path("runs/pretrain")
@@ -378,6 +384,7 @@ def setup(options: PretrainOptions) -> Pretraining:
     """Tokenizer, model, data and every check before any training; then the optimizer and schedule, a checkpoint's
     state when resuming (restored before accelerate wraps the model), the log and the progress bar."""
     check_counts(options)
+    check_report_to(options.report_to)
     keep_freed_memory()
     mixed_precision = options.mixed_precision or ("bf16" if torch.cuda.is_available() and not options.cpu else "no")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=options.cpu)
@@ -405,7 +412,8 @@ def setup(options: PretrainOptions) -> Pretraining:
     n_params = accelerator.unwrap_model(model).num_parameters()
     world = accelerator.num_processes
     if main_process and start_step == 0:
-        write_run_config(options.out, options, world_size=world, parameters=n_params, train_blocks=len(train_blocks))
+        facts = {"stage": "pretrain", "world_size": world, "parameters": n_params, "train_blocks": len(train_blocks)}
+        write_run_config(options.out, options, **facts)
     progress = tqdm(
         total=options.max_steps,
         initial=start_step,
@@ -426,7 +434,7 @@ def setup(options: PretrainOptions) -> Pretraining:
         byte_lengths=torch.tensor(token_byte_lengths(tokenizer), dtype=torch.long),
         state=state,
         start_step=start_step,
-        log=RunLog(options.out, start_step, active=main_process),
+        log=RunLog(options.out, start_step, active=main_process, report_to=options.report_to),
         progress=progress,
         last_log=time.perf_counter(),
     )
@@ -562,8 +570,11 @@ def finish(run: Pretraining, result: dict) -> dict:
         report.write_summary(
             out, model.config.to_dict(), extra={"world_size": world, "wall_time": run.state["wall_time"]}
         )
+        write_model_card(out)
     (out / f"final-rank{accelerator.process_index}.json").write_text(json.dumps(summary))
-    accelerator.end_training()
+    # Not accelerator.end_training(): RunLog closes the trackers, and destroying gloo's process group joins its
+    # loop thread while holding the GIL that thread waits for (a finished rank could hang there for good); a
+    # multi-process run's ranks leave through exit_distributed_rank instead.
     return summary
 
 

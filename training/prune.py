@@ -35,6 +35,8 @@ from tiny_hf.results import write_results
 from training.adapt import train_on_blocks
 from training.data import build_datasets
 from training.evaluation import evaluate_lm, validation_set
+from training.model_card import stage_facts, write_model_card
+from training.run_log import find_pretraining_run, write_run_config
 
 STRUCTURED = ("heads", "neurons", "heads+neurons")
 ALL_METHODS = (*pruning.METHODS, *STRUCTURED)
@@ -76,7 +78,7 @@ def check_options(options: PruneOptions) -> tuple[list[str], list[float]]:
     if bad or not sparsities:
         raise ValueError(f"--sparsities {options.sparsities!r}: {bad or 'none given'}; each must be in (0, 1)")
     run = options.model
-    if not (run / "run_config.json").is_file() or not (run / "model").is_dir():
+    if find_pretraining_run([run]) != run or not (run / "model").is_dir():
         raise FileNotFoundError(f"--model {run} is not a pretraining run folder (no run_config.json and model/)")
     return methods, sparsities
 
@@ -249,7 +251,10 @@ def save_pruned(options: PruneOptions, bench: Workbench) -> str:
     prune_row(model, "heads+neurons", options.out_reduction, counts, bench.calibration)
     if options.recovery_steps:
         recover(options, bench, model, {})
-    return str(tiny_hf.export(model, bench.tokenizer, options.out))
+    saved = tiny_hf.export(model, bench.tokenizer, options.out)
+    write_run_config(options.out, options, **stage_facts("prune", options))
+    write_model_card(options.out, options.out)
+    return str(saved)
 
 
 def markdown_table(

@@ -2,7 +2,7 @@
 
 - `load_lm_metric`: loss, perplexity and bits per byte from summed rows (the local `evaluate` module lm_metrics.py).
 - `load_rouge_l`: ROUGE-L F1/precision/recall of generated against reference text (the local module rouge_l.py).
-- `ranking_metrics`: recall@k, MRR@10 and nDCG@10 of one ranking, as BEIR / pytrec_eval define them.
+- `ranking_metrics`: recall@k, MRR@10 and nDCG@10 of one ranking, as ranx (and BEIR / pytrec_eval) define them.
 
 The two `evaluate` modules are loaded by absolute path, so they work offline (Hub metrics do not) and from any
 directory; `keep_in_memory` defaults to True, since the rows are a few numbers and need no Arrow cache or file locks.
@@ -49,7 +49,12 @@ def load_rouge_l(**kwargs) -> evaluate.EvaluationModule:
 
 
 def ranking_metrics(ranked: Sequence[int], relevant: dict[int, int], *, ks: Sequence[int] = DEFAULT_KS) -> dict:
-    """recall@k for each k, MRR@10 and nDCG@10 (linear gain, log2 discount) of one ranking.
+    """recall@k for each k, MRR@10 and nDCG@10 of one ranking: ranx's `recall@k`, `mrr@10` and `ndcg@10`.
+
+    nDCG is Järvelin & Kekäläinen's (2002), as in pytrec_eval and BEIR: linear gain (the grade) over a log2(rank + 1)
+    discount, not ranx's `ndcg_burges` (gain 2^grade - 1). Relevant means grade >= 1 (ranx's rel_lvl=1). A run in
+    ranx or trec_eval holds an id once, so a repeated id counts at its first place only; ties in score must be broken
+    before (rag.evaluate.rank_by_score). tests/test_metrics.py checks all this on random rankings (to 1e-12).
 
     Args:
         ranked: retrieved ids, best first (ties already broken).

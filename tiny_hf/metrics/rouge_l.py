@@ -14,9 +14,11 @@ import evaluate
 _DESCRIPTION = """\
 ROUGE-L (Lin 2004): the longest common subsequence (LCS) of the prediction's and the reference's tokens. With m
 reference tokens and n predicted ones, recall = LCS / m, precision = LCS / n, F1 = 2PR / (P + R); 0 when either side
-has no tokens. Tokens as rouge_score makes them without a stemmer: lowercase, every run of characters other than
-a-z and 0-9 is a separator. Scores are averaged over the pairs (rouge_score's default aggregation is a bootstrap
-mean; this is the plain mean).
+has no tokens. Per pair this is exactly rouge_score's `RougeScorer(["rougeL"], use_stemmer=False).score(reference,
+prediction)` (its defaults, also those of the Hub's "rouge" metric): its tokenizer (lowercase, every run of characters
+other than a-z and 0-9 separates), no stemming; rougeL, not rougeLsum (which first splits on newlines).
+tests/test_metrics.py checks it on random text. Scores are the plain mean over the pairs (the Hub metric with
+use_aggregator=False, averaged; its default is a bootstrap estimate of that mean).
 
 Exact match (SQuAD, Rajpurkar et al. 2016): 1 if the two texts are equal after lowercasing, removing punctuation and
 the articles a/an/the, and collapsing whitespace.
@@ -40,6 +42,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def rouge_tokens(text: str) -> list[str]:
+    """rouge_score's `tokenize.tokenize(text, stemmer=None)`: lowercase, then runs of [a-z0-9]."""
     return _NON_ALNUM.sub(" ", text.lower()).split()
 
 
@@ -56,7 +59,7 @@ def lcs_length(a: list[str], b: list[str]) -> int:
 
 
 def rouge_l(prediction: str, reference: str) -> tuple[float, float, float]:
-    """(precision, recall, f1) of one pair."""
+    """(precision, recall, f1) of one pair: rouge_score's `score(reference, prediction)["rougeL"]`."""
     pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
     if not pred or not ref:
         return 0.0, 0.0, 0.0

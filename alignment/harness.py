@@ -51,7 +51,7 @@ class HarnessOptions:
         default=",".join(PROJECT_TASKS),
         metadata={"help": "comma-separated: the project's tasks, task .yaml files, or any harness task name"},
     )
-    limit: int = field(default=200, metadata={"help": "examples (documents, questions) per project task (0: all)"})
+    limit: int = field(default=1000, metadata={"help": "examples (documents, questions) per project task (0: all)"})
     batch_size: int = field(default=16)
     device: str = field(default="cpu")
     out: Path | None = field(default=None, metadata={"help": "results folder (default: <run folder>/eval)"})

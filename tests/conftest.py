@@ -168,15 +168,20 @@ def stock_llama_dir(tiny_lm_dir, tmp_path):
 def tiny_run_dir(tiny_lm_dir, tmp_path):
     """A pretraining run folder without the training (what compression scripts take as --model): `tiny_lm_dir` as
     model/ and a run_config.json whose data is a small local corpus with a 20% validation split."""
+    return make_run_dir(tiny_lm_dir, tmp_path)
+
+
+def make_run_dir(model_dir: Path, tmp_path: Path, block_size: int = 32) -> Path:
+    """`tmp_path/run`: `model_dir` copied as model/, and a run_config.json over 60 pydoc topics (20% held out)."""
     from tiny_hf.corpus import DOC_SEPARATOR, topic_documents
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
-    for file in tiny_lm_dir.iterdir():
+    for file in model_dir.iterdir():
         (run / "model" / file.name).write_bytes(file.read_bytes())
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(DOC_SEPARATOR.join(d["text"] for d in topic_documents()[:60]))
-    config = {"data": str(corpus), "block_size": 32, "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache")}
+    config = {"data": str(corpus), "block_size": block_size, "val_fraction": 0.2, "cache_dir": str(tmp_path / "cache")}
     (run / "run_config.json").write_text(json.dumps(config))
     return run
 

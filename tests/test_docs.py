@@ -72,6 +72,8 @@ TINY_RUNS: dict[str, str] = {
     ),
     "report/card.py": "tests/test_report_card.py::test_quick_card_has_every_section_and_its_links_resolve",
     "training/long_context.py": "tests/test_long_context.py::test_script_writes_the_report_for_every_variant",
+    "alignment/harness.py": "tests/test_harness.py::test_results_go_to_the_run_folder_with_a_table",
+    "training/push.py": "tests/test_push.py::test_dry_run_stages_model_plots_and_card",
     "training/fetch.py": "tests/test_fetch.py::test_smollm2_is_a_stock_llama_that_chats_and_stops_at_the_end_of_turn",
     "training/export.py": (
         "tests/test_export.py::test_llama_format_is_a_stock_folder_that_loads_without_tiny_hf_or_remote_code"

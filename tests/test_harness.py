@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_run_dir
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,18 +21,9 @@ pytestmark = pytest.mark.xdist_group("harness")  # one worker runs the harness o
 
 @pytest.fixture(scope="module")
 def harness_run(tiny_lm_dir, tmp_path_factory, small_stdlib):
-    """A pretraining-shaped run folder (tiny_run_dir's layout, module-scoped) evaluated once on all three tasks."""
-    from tiny_hf.corpus import DOC_SEPARATOR, topic_documents
-
-    tmp = tmp_path_factory.mktemp("harness")
-    run = tmp / "run"
-    (run / "model").mkdir(parents=True)
-    for file in tiny_lm_dir.iterdir():
-        (run / "model" / file.name).write_bytes(file.read_bytes())
-    corpus = tmp / "corpus.txt"
-    corpus.write_text(DOC_SEPARATOR.join(d["text"] for d in topic_documents()[:60]))
-    config = {"data": str(corpus), "block_size": 128, "val_fraction": 0.2, "cache_dir": str(tmp / "cache")}
-    (run / "run_config.json").write_text(json.dumps(config))
+    """A pretraining run folder of the tiny model (block size 128, for the chat prompts) evaluated once on all three
+    tasks."""
+    run = make_run_dir(tiny_lm_dir, tmp_path_factory.mktemp("harness"), block_size=128)
     argv = ["--model", str(run), "--limit", "8", "--stdlib-dir", str(small_stdlib)]
     return run, harness.main(argv)
 

@@ -23,7 +23,6 @@ from training.run_log import find_pretraining_run, read_run_config, write_run_co
 CARD_FILE = "README.md"
 ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)*[\w.+-]+")  # /tmp/x/prefs.jsonl, not a URL's or a/b's path
 EVAL_RESULTS = Path("eval") / "results.json"  # written by `tiny-hf eval` (alignment/harness.py)
-WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
 # What each stage made, for the card's first line.
 STAGE_SENTENCES = {
     "pretrain": "pretrained from scratch with tiny-hf (`tiny-hf pretrain`)",
@@ -94,6 +93,12 @@ def hub_id(name: str | None) -> str | None:
 def public_name(name: str) -> str:
     """A Hub id as it is; a local path by its last part ('runs/demo' -> 'demo')."""
     return name if hub_id(name) else (Path(name).name or name)
+
+
+def card_title(name: str) -> str:
+    """The model's name in the card: 'you/tiny-sft' -> 'tiny-sft', 'runs/sft/model' -> 'sft'."""
+    path = Path(name)
+    return (path.parent.name if path.name in ("model", "merged", "adapter") else path.name) or name
 
 
 def local_name(run_dir: Path, model_dir: Path) -> str:
@@ -249,9 +254,9 @@ def usage_section(name: str, model_dir: Path, stage: str, base: str | None) -> l
     what = {"adapter": "LoRA adapter", "classifier": "sequence-classification model"}.get(
         kind, "decoder-only language model"
     )
-    title = Path(name).name if Path(name).name not in ("model", "merged", "adapter") else Path(name).parent.name
+    title = card_title(name)
     body = [
-        f"# {title or name}",
+        f"# {title}",
         "",
         f"A {size}{what}, {STAGE_SENTENCES.get(stage, f'made by tiny-hf {stage}')}",
     ]
@@ -395,7 +400,7 @@ def card_metadata(model_dir: Path, run_config: dict | None, evals: list[EvalResu
         datasets=hub_datasets(run_config.get("data")) or None,
         tags=list(dict.fromkeys(tags + ["text-generation"] if kind != "classifier" else tags)),
         pipeline_tag="text-classification" if kind == "classifier" else "text-generation",
-        model_name=name.split("/")[-1],
+        model_name=card_title(name),
         eval_results=evals or None,
     )
 

@@ -32,7 +32,7 @@ import yaml
 from tiny_hf.results import write_results
 from tiny_hf.runs import model_path, resolve_model
 from training.model_card import harness_markdown, public_name, write_model_card
-from training.run_log import find_pretraining_run
+from training.run_log import find_pretraining_run, read_run_config
 
 TASKS_DIR = Path(__file__).with_name("eval_tasks")
 PROJECT_TASKS = ("tiny_bits_per_byte", "tiny_continuation", "tiny_verifiable")
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    run_config = json.loads((run_dir / "run_config.json").read_text()) if run_dir else {}
+    run_config = read_run_config(run_dir) if run_dir else {}
     window = run_config.get("block_size") or model.config.max_position_embeddings
     out = output_folder(options, folders)
     data, texts = task_data(names, run_dir, tokenizer, options, out)

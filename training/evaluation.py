@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tiny_hf.metrics import load_lm_metric
 from training.data import build_datasets, load_documents, parse_data_spec, token_byte_lengths
+from training.run_log import read_run_config
 
 
 def validation_set(run_dir: str | Path, tokenizer, max_blocks: int | None = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +93,7 @@ def evaluate_lm(model, blocks: torch.Tensor, byte_lengths: torch.Tensor, batch_s
 
 def validation_documents(run_dir: str | Path) -> list[str]:
     """The held-out documents of a pretraining run folder (every source of its data spec), as text."""
-    config = json.loads((Path(run_dir) / "run_config.json").read_text())
+    config = read_run_config(run_dir)
     texts = []
     for source, _ in parse_data_spec(config["data"]):
         docs = load_documents(

@@ -17,6 +17,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from tiny_hf.runs import resolve_model
 from training import report
 from training.run_log import find_pretraining_run, read_run_config, write_run_config
 
@@ -398,7 +399,7 @@ def card_metadata(model_dir: Path, run_config: dict | None, evals: list[EvalResu
         library_name="peft" if kind == "adapter" else "transformers",
         base_model=hub_id(base),
         datasets=hub_datasets(run_config.get("data")) or None,
-        tags=list(dict.fromkeys(tags + ["text-generation"] if kind != "classifier" else tags)),
+        tags=list(dict.fromkeys(tags if kind == "classifier" else [*tags, "text-generation"])),
         pipeline_tag="text-classification" if kind == "classifier" else "text-generation",
         model_name=card_title(name),
         eval_results=evals or None,
@@ -448,8 +449,6 @@ def stage_facts(stage: str, options, trainer_config=None) -> dict:
     base = getattr(options, "model", None)
     base_run = None
     if base is not None and Path(str(base)).exists():
-        from tiny_hf.runs import resolve_model
-
         base_run = find_pretraining_run(resolve_model(str(base))[1])
     facts = {"stage": stage, "base_model": str(base) if base is not None else None, "base_run": base_run}
     if trainer_config is not None:

@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     # 1. Foundations: data, tokenizer, model
     "corpus": ("tiny_hf.corpus", "write the embedded corpus (pydoc topics + stdlib docstrings) to text files"),
     "tokenizer": ("training.tokenizer", "train a byte-level BPE tokenizer on a corpus"),
+    "data": ("training.shards", "tokenize a data source into token shards on disk, for corpora larger than RAM"),
     "fetch": ("training.fetch", "fetch a pretrained chat model (SmolLM2-135M-Instruct) into a run folder, offline"),
     # 2. Training
     "pretrain": ("training.pretrain", "pretrain a model from scratch (Accelerate; `accelerate launch -m` for more)"),

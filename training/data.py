@@ -5,8 +5,9 @@ train/validation by document (`load_documents`); a split's documents become one 
 after each document, cut into fixed-length blocks (`tokenize_and_pack`); the sources' train blocks are interleaved
 so each source's share of blocks follows its weight (`build_datasets`).
 
-Everything is held in memory (the corpora here are megabytes, and the training loop keeps the blocks as one tensor),
-so no `datasets` cache is ever read back: `.map` would reuse one even when the arguments behind it changed.
+Pretraining writes the same token stream to shards on disk and reads its blocks from there (training/shards.py); the
+stages that need a run's blocks in memory (fine-tuning, pruning, long context) pack them here. Everything is held in
+memory, so no `datasets` cache is ever read back: `.map` would reuse one even when the arguments behind it changed.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def load_documents(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} is not in [0, 1)")
     path = Path(source)
+    if (path / "shards.json").is_file():
+        raise ValueError(
+            f"data source {source!r} holds token shards (training/shards.py), not documents: this step needs the "
+            "documents, so give the source the shards were prepared from"
+        )
     if source == EMBEDDED:
         train, validation = _embedded_texts(Path(cache_dir), val_fraction)
     elif path.is_file() or (path.is_dir() and not _is_dataset_folder(path)):
@@ -256,6 +262,18 @@ def _block_features(block_size: int) -> datasets.Features:
     )
 
 
+def encode_documents(texts: list[str], tokenizer) -> list[list[int]]:
+    """Each text's token ids followed by the end-of-text id: the one tokenization of documents for training, packed
+    in memory (`tokenize_and_pack`) or written to token shards (training/shards.py). A literal "<|endoftext|>" in a
+    text is plain text (split_special_tokens), so the only EOS ids are the appended ones."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token_id, which must end every document")
+    # verbose=False: a document longer than model_max_length is fine here, it is cut into blocks
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)
+    return [ids + [eos] for ids in encoded["input_ids"]]
+
+
 def tokenize_and_pack(docs: datasets.Dataset, tokenizer, block_size: int) -> datasets.Dataset:
     """Tokenize documents into one stream, an EOS after each, and cut it into rows of exactly `block_size` ids.
 
@@ -271,8 +289,7 @@ def tokenize_and_pack(docs: datasets.Dataset, tokenizer, block_size: int) -> dat
     """
     if block_size < 1:
         raise ValueError(f"block_size={block_size} must be at least 1")
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id, which must end every document")
     byte_lengths = token_byte_lengths(tokenizer)
     carry: list[int] = []  # tokens not yet in a block: the next batch's documents continue them
@@ -280,12 +297,9 @@ def tokenize_and_pack(docs: datasets.Dataset, tokenizer, block_size: int) -> dat
 
     def pack(batch: dict) -> dict:
         nonlocal total
-        # verbose=False: a document longer than model_max_length is fine here, it is cut into blocks
-        encoded = tokenizer(batch["text"], add_special_tokens=False, split_special_tokens=True, verbose=False)
-        for ids in encoded["input_ids"]:
+        for ids in encode_documents(batch["text"], tokenizer):
             carry.extend(ids)
-            carry.append(eos)
-            total += len(ids) + 1
+            total += len(ids)
         n = len(carry) // block_size
         blocks = [carry[i * block_size : (i + 1) * block_size] for i in range(n)]
         del carry[: n * block_size]

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from tiny_hf.metrics import load_lm_metric
-from training.data import build_datasets, load_documents, parse_data_spec, token_byte_lengths
+from training.data import load_documents, parse_data_spec, token_byte_lengths
 from training.run_log import read_run_config
+from training.shards import validation_blocks
 
 
 def validation_set(run_dir: str | Path, tokenizer, max_blocks: int | None = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,16 +38,13 @@ def validation_set(run_dir: str | Path, tokenizer, max_blocks: int | None = 64) 
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a pretraining run folder: it has no run_config.json")
     config = json.loads(config_path.read_text())
-    block_size = config["block_size"]
-    _, validation = build_datasets(
+    blocks = validation_blocks(
         config["data"],
         tokenizer,
-        block_size,
-        seed=config.get("seed", 0),
+        config["block_size"],
         val_fraction=config.get("val_fraction", 0.05),
         cache_dir=config.get("cache_dir", "data"),
     )
-    blocks = torch.tensor(validation["input_ids"], dtype=torch.long)
     if max_blocks:
         blocks = blocks[:max_blocks]
     return blocks, torch.tensor(token_byte_lengths(tokenizer), dtype=torch.long)

@@ -9,6 +9,7 @@ from tiny_hf import cli
 
 MISSING = "/nonexistent-tiny-hf/missing"
 EMPTY, EMPTY_TXT = "empty.jsonl", "empty.txt"  # written in the test's working folder
+SHORT_TXT = "short.txt"  # one short document: fewer tokens than a block
 MODEL_STAGES = ["pretrain", "sft", "lora", "reward", "dpo", "ppo", "grpo", "quantize", "prune", "long-context"]
 MODEL_STAGES += ["serve", "chat", "export", "push"]
 # what a stage requires besides the argument under test (argparse reports a missing required one first)
@@ -41,6 +42,10 @@ def bad_inputs():
         ("pretrain", ["--model", "tiny-7m"], "did you mean tiny-3m?"),
         ("pretrain", ["--max-steps", "many"], "--max-steps"),
         ("pretrain", ["--max-steps", "0"], "--max-steps=0"),
+        ("pretrain", ["--optimizer", "sgd"], "sgd"),
+        ("pretrain", ["--muon-lr", "0.05"], "--muon-lr applies to --optimizer muon only, not --optimizer adamw"),
+        ("pretrain", ["--data", SHORT_TXT, "--val-fraction", "0", "--vocab-size", "300"], "fewer than one block"),
+        ("data", ["--data", SHORT_TXT], "--tokenizer is required"),
         ("eval", ["--run", missing], missing),
         ("serve", ["--model", "someone/not-cached"], "not in the cache"),
         ("serve", ["--port", "http"], "--port"),
@@ -63,9 +68,9 @@ CASES = bad_inputs()
 @pytest.mark.parametrize("stage, argv, named", CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_no_output(stage, argv, named, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a stage's default output folder would land here
-    written = {tmp_path / EMPTY, tmp_path / EMPTY_TXT}
+    written = {tmp_path / EMPTY, tmp_path / EMPTY_TXT, tmp_path / SHORT_TXT}
     for path in written:
-        path.write_text("\n")
+        path.write_text("a few words\n" if path.name == SHORT_TXT else "\n")
     out = tmp_path / "out"
     flags = [] if "--out" in argv or stage in ("serve", "chat", "search", "ask", "eval") else ["--out", str(out)]
     with pytest.raises(SystemExit) as stop:

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import check_stage_record, free_port, tensorboard_scalars, trackio_config, trackio_logs
+import torch
+from conftest import check_stage_record, free_port, tensorboard_scalars, tiny_config, trackio_config, trackio_logs
 from transformers import AutoModelForCausalLM
 
+from tiny_hf import TinyForCausalLM
 from tiny_hf.bpe import train_tokenizer
 from tiny_hf.corpus import DOC_SEPARATOR, topic_documents
-from training import pretrain
+from training import pretrain, shards
 from training.checkpoint import RunLock, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +234,93 @@ def test_two_process_run_resumes_after_sigkill_to_the_same_losses(workspace, tmp
     assert digests[0] == digests[1]
 
 
+# --- token shards: the data on disk --------------------------------------------------------------------------------
+def test_prepared_shards_train_exactly_like_the_raw_source(workspace, tmp_path):
+    """`tiny-hf data` writes the shards pretraining writes for itself (<out>/data): same blocks, same losses; the
+    prepared folder's own tokenizer is taken when none is given."""
+    shards.main(["--data", str(workspace / "corpus.txt"), "--tokenizer", str(workspace / "tokenizer"),
+                 "--out", str(tmp_path / "shards"), "--cache-dir", str(workspace / "cache")])  # fmt: skip
+    raw = tmp_path / "raw"
+    pretrain.main(args_for(workspace, raw, "--max-steps", "3"))
+    assert (raw / "data" / "0-corpus.txt" / "shards.json").is_file()
+    prepared = tmp_path / "prepared"
+    argv = [a for a in args_for(workspace, prepared, "--max-steps", "3") if a != str(workspace / "tokenizer")]
+    argv[argv.index("--data") + 1] = str(tmp_path / "shards")
+    argv.remove("--tokenizer")
+    pretrain.main(argv)
+    assert records(prepared, "loss") == records(raw, "loss") and sorted(records(raw, "loss")) == [1, 2, 3]
+    assert records(prepared, "val_loss") == records(raw, "val_loss")
+
+
+# The process's own peak RSS: VmHWM belongs to its address space, whereas ru_maxrss keeps the peak of the (forked)
+# test process from before exec.
+PEAK_RSS = (
+    "import re, sys\n"
+    "from training import pretrain\n"
+    "pretrain.main(sys.argv[1:])\n"
+    "print('peak_rss_kb', re.search(r'VmHWM:\\s*(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+)
+
+
+@pytest.mark.slow
+def test_training_memory_stays_flat_when_the_corpus_grows_tenfold(workspace, tmp_path):
+    """Peak RSS of a training process on prepared shards of a corpus and of the same corpus ten times over (each
+    copy of a document numbered, so all are distinct): blocks are read from disk, so memory does not follow size."""
+    texts = [d["text"] for d in topic_documents()]
+    peaks = {}
+    for copies in (1, 10):
+        corpus = tmp_path / f"corpus-x{copies}.jsonl"
+        corpus.write_text("".join(json.dumps({"text": f"{i}. {t}"}) + "\n" for i in range(copies) for t in texts))
+        folder = tmp_path / f"shards-x{copies}"
+        shards.main(["--data", str(corpus), "--tokenizer", str(workspace / "tokenizer"), "--out", str(folder)])
+        argv = args_for(workspace, tmp_path / f"run-x{copies}", "--max-steps", "20", "--eval-every", "10")
+        argv[argv.index("--data") + 1] = str(folder)
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks[copies] = int(result.stdout.split("peak_rss_kb")[-1]) / 1024  # MiB
+        tokens = json.loads((folder / "shards.json").read_text())["splits"]["train"]["tokens"]
+        print(f"{copies}x corpus: {tokens:,} training tokens, peak RSS {peaks[copies]:.0f} MiB")
+    assert peaks[10] < 1.10 * peaks[1], peaks
+
+
+# --- Muon ----------------------------------------------------------------------------------------------------------
+def test_muon_trains_the_hidden_matrices_and_resumes_exactly(workspace, tmp_path):
+    """--optimizer muon: Muon on the attention and MLP matrices, AdamW on the rest; a run stopped at step 3 and
+    resumed gives the uninterrupted run's losses exactly (both optimizers' states come back)."""
+    muon = ("--optimizer", "muon", "--muon-lr", "0.05", "--lr", "1e-2", "--lr-decay-steps", "100", "--save-every", "3")
+    reference = tmp_path / "reference"
+    pretrain.main(args_for(workspace, reference, "--max-steps", "8", "--eval-every", "8", *muon))
+    losses = records(reference, "loss")
+    assert losses[8] < losses[1] - 0.3, losses
+    stopped = tmp_path / "stopped"
+    pretrain.main(args_for(workspace, stopped, "--max-steps", "3", "--eval-every", "8", *muon))
+    pretrain.main(args_for(workspace, stopped, "--max-steps", "8", "--eval-every", "8", "--resume", *muon))
+    assert records(stopped, "loss") == losses
+    with pytest.raises(ValueError, match="was trained with --optimizer muon, not adamw: resume with the same"):
+        pretrain.main(args_for(workspace, stopped, "--max-steps", "9", "--resume", "--lr-decay-steps", "100"))
+
+
+def test_muon_takes_only_whole_2d_hidden_matrices():
+    from training.optimizers import ChainedOptimizer, build_optimizer, parameter_roles
+
+    model = TinyForCausalLM(tiny_config(tie_word_embeddings=False))
+    roles = {name: role for name, _, role in parameter_roles(model)}
+    assert roles["lm_head.weight"] == "head" and roles["model.embed_tokens.weight"] == "embedding"
+    assert roles["model.layers.0.self_attn.q_proj.weight"] == "matrix" and roles["model.norm.weight"] == "vector"
+    optimizer = build_optimizer(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    assert isinstance(optimizer, ChainedOptimizer) and isinstance(optimizer.optimizers[0], torch.optim.Muon)
+    muon_params = {id(p) for group in optimizer.optimizers[0].param_groups for p in group["params"]}
+    assert muon_params == {id(p) for name, p in model.named_parameters() if roles[name] == "matrix"}
+    assert len(optimizer.param_groups) == 3  # Muon's, then AdamW's decayed head and undecayed rest
+    with pytest.raises(ValueError, match="would be FSDP shards, and Muon needs each whole matrix"):
+        build_optimizer(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), sharded=True)
+    model.model.layers[0].mlp.register_parameter("experts", torch.nn.Parameter(torch.zeros(2, 4, 4)))
+    with pytest.raises(ValueError, match=r"parameter model.layers.0.mlp.experts has shape \(2, 4, 4\), but"):
+        build_optimizer(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+
+
 # --- bad input: a clear error before any training --------------------------------------------------------------
 def test_missing_data_fails_early(workspace, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="no_such"):
@@ -262,6 +351,12 @@ def test_vocab_mismatch_fails_early(workspace, tmp_path):
     )
     with pytest.raises(ValueError, match="500 tokens but the model's vocab_size is 400"):
         pretrain.main(argv)
+
+
+def test_an_fsdp_launch_accelerate_would_run_as_another_kind_is_refused(workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` (or fsdp.yaml) sets
+    with pytest.raises(ValueError, match="FSDP was asked for .* runs it on GPUs only and made this a NO run"):
+        pretrain.main(args_for(workspace, tmp_path / "run"))
 
 
 def test_unwritable_out_dir_fails_early(workspace, tmp_path):

@@ -1,11 +1,13 @@
 """Pretrain a tiny_hf model: `tiny-hf pretrain` on one process, `accelerate launch training/pretrain.py` on several.
 
 What happens, top to bottom:
-1. Data: documents from the embedded corpus, local files or Hub datasets (mixed by weight), tokenized and packed
-   into fixed-length blocks with EOS between documents (training/data.py). A tokenizer is trained first if none
-   is given.
+1. Data: documents from the embedded corpus, local files or Hub datasets, tokenized once into token shards on disk
+   (training/shards.py; folders written by `tiny-hf data` are read as they are) with EOS between documents, and
+   read back memory-mapped as fixed-length blocks, the sources mixed by weight. A tokenizer is trained first if none
+   is given (or the shards' own is taken).
 2. Model: a preset (optionally with `--set field=value` overrides) or a saved model to continue from.
-3. Loop: AdamW (weight decay on matrices only), warmup + cosine or WSD schedule, gradient accumulation and
+3. Loop: AdamW (weight decay on matrices only), or Muon on the hidden matrices with AdamW on the rest
+   (training/optimizers.py), warmup + cosine or WSD schedule, gradient accumulation and
    clipping, optional z-loss, a guard that skips steps whose loss is NaN/inf or spikes, a sequence-length
    curriculum. Evaluation every N steps: validation loss, perplexity and bits per byte through a local `evaluate`
    metric, plus generated samples.
@@ -29,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import accelerate
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -59,10 +62,12 @@ from training.checkpoint import (
     save_torch,
     write_checkpoint,
 )
-from training.data import SequenceLengthSchedule, build_datasets, token_byte_lengths, training_texts
+from training.data import SequenceLengthSchedule, token_byte_lengths, training_texts
 from training.evaluation import loss_sums, metrics_from_sums
 from training.model_card import write_model_card
+from training.optimizers import OPTIMIZERS, build_optimizer
 from training.run_log import RunLog, write_run_config
+from training.shards import PackedBlocks, open_split, prepared_sources, shard_tokenizer
 from training.trackers import check_report_to
 
 SAMPLE_PROMPTS = ["The json module", "A list is", "To open a file"]
@@ -91,11 +96,14 @@ class PretrainOptions:
         metadata={"help": "config override of a preset; repeatable", "metavar": "FIELD=VALUE", "action": "extend"},
     )
     # --- optimization ---
+    optimizer: str = field(default="adamw", metadata={"choices": list(OPTIMIZERS)})
     max_steps: int = 300
     lr_decay_steps: int | None = field(default=None, metadata={"help": "schedule length (default: --max-steps)"})
     batch_size: int = field(default=16, metadata={"help": "blocks per micro-batch per process"})
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = field(default=3e-3, metadata={"help": "AdamW's learning rate (with muon: embeddings, head, norms)"})
+    muon_lr: float | None = field(default=None, metadata={"help": "muon: the hidden matrices' learning rate (0.02)"})
+    muon_momentum: float | None = field(default=None, metadata={"help": "muon: momentum (0.95)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of --lr"})
     schedule: str = field(default="cosine", metadata={"choices": ["cosine", "wsd", "constant"]})
     warmup_steps: int = 30
@@ -157,8 +165,9 @@ def saved_model(name: str) -> str | None:
 
 
 def build_tokenizer(options: PretrainOptions, accelerator: Accelerator):
-    """The tokenizer named by --tokenizer, else the saved model's, else one trained on the training split."""
-    source = options.tokenizer or saved_model(options.model)
+    """The tokenizer named by --tokenizer, else the saved model's, else the token shards', else one trained on the
+    training split."""
+    source = options.tokenizer or saved_model(options.model) or shard_tokenizer(options.data)
     if source is not None:
         return AutoTokenizer.from_pretrained(source)
     tokenizer_dir = options.out / "tokenizer"
@@ -204,25 +213,38 @@ def check_inputs(options: PretrainOptions, model, tokenizer, schedule: SequenceL
     schedule.check_positions(model.config)
 
 
-def check_counts(options: PretrainOptions) -> None:
-    """The options that count something must count at least one, checked before any data is read."""
+MUON_DEFAULTS = {"muon_lr": 0.02, "muon_momentum": 0.95}  # Keller Jordan's Muon as modded-nanogpt runs it
+
+
+def check_options(options: PretrainOptions) -> None:
+    """Options that cannot work, checked before any data is read: a count below one, an option of the optimizer
+    not chosen."""
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(options, name)} must be at least 1")
+    if options.optimizer != "muon":
+        for name in MUON_DEFAULTS:
+            if getattr(options, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} applies to --optimizer muon only, not --optimizer {options.optimizer}")
 
 
-def make_optimizer(model: torch.nn.Module, options: PretrainOptions) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only: decaying norms, biases and embeddings pulls them toward
-    zero for no benefit (GPT-2/nanoGPT practice). A tied LM head is the embedding and is not decayed either."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_embedding = "embed_tokens" in name or "embed_positions" in name
-        (decay if param.ndim >= 2 and not is_embedding else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    betas = (options.beta1, options.beta2)
-    return torch.optim.AdamW(groups, lr=options.lr, betas=betas, fused=torch.cuda.is_available())
+def make_optimizer(model: torch.nn.Module, options: PretrainOptions, sharded: bool = False) -> torch.optim.Optimizer:
+    """The optimizer --optimizer names (training/optimizers.py), with the run's learning rates and decay; `sharded`:
+    the parameters will be FSDP shards."""
+    muon = {
+        name: default if getattr(options, name) is None else getattr(options, name)
+        for name, default in MUON_DEFAULTS.items()
+    }
+    return build_optimizer(
+        model,
+        options.optimizer,
+        lr=options.lr,
+        weight_decay=options.weight_decay,
+        betas=(options.beta1, options.beta2),
+        sharded=sharded,
+        **muon,
+    )
 
 
 def lr_lambda(options: PretrainOptions):
@@ -265,6 +287,18 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, z_loss: float) -> tup
 # --- checkpoints -----------------------------------------------------------------------------------------------------
 def sharded_optimizer(accelerator) -> bool:
     return accelerator.distributed_type.value == "FSDP"
+
+
+def check_fsdp(accelerator) -> None:
+    """Refuse an FSDP launch that Accelerate quietly turned into another kind of run: its state enables FSDP only for
+    GPU-like devices (MULTI_GPU, MULTI_XPU, ...), so on CPU (gloo) it would train as plain data parallel."""
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if requested and not sharded_optimizer(accelerator):
+        raise ValueError(
+            f"FSDP was asked for (an FSDP config or --use_fsdp), but accelerate {accelerate.__version__} runs it on "
+            f"GPUs only and made this a {accelerator.distributed_type.value} run; on CPU use plain data parallel "
+            "(ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...)"
+        )
 
 
 def save_checkpoint(run: Pretraining, step: int) -> Path:
@@ -349,8 +383,8 @@ class Pretraining:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     schedule: SequenceLengthSchedule
-    train_blocks: torch.Tensor  # (N, block_size): small corpora fit in RAM
-    val_blocks: torch.Tensor
+    train_blocks: PackedBlocks  # read from the token shards on disk, a step's blocks at a time
+    val_blocks: torch.Tensor  # (N, block_size): the --eval-blocks evaluated on
     byte_lengths: torch.Tensor  # bytes per token id, for bits per byte
     state: dict  # tokens, loss_ema, bad_steps, skipped, wall_time: saved in every checkpoint
     start_step: int
@@ -363,44 +397,54 @@ class Pretraining:
         return self.options.batch_size * self.options.grad_accum * self.accelerator.num_processes
 
 
-def load_blocks(options: PretrainOptions, tokenizer, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The train and validation blocks as (N, block_size) tensors; rank 0 builds the datasets first."""
+def load_blocks(options: PretrainOptions, tokenizer, accelerator) -> tuple[PackedBlocks, torch.Tensor]:
+    """The training blocks, read from token shards on disk (rank 0 writes the shards of raw sources into
+    <out>/data first), and the first --eval-blocks validation blocks as a (N, block_size) tensor."""
     with accelerator.main_process_first():
-        train_ds, val_ds = build_datasets(
+        sources = prepared_sources(
             options.data,
             tokenizer,
-            options.block_size,
-            seed=options.seed,
+            options.out / "data",
             val_fraction=options.val_fraction,
             cache_dir=options.cache_dir,
         )
-    val_blocks = torch.tensor(val_ds["input_ids"], dtype=torch.long)
-    if options.eval_blocks:
-        val_blocks = val_blocks[: options.eval_blocks]
-    return torch.tensor(train_ds["input_ids"], dtype=torch.long), val_blocks
+    folders, weights = [folder for folder, _ in sources], [weight for _, weight in sources]
+    train_blocks = open_split(folders, "train", options.block_size, weights)
+    validation = open_split(folders, "validation", options.block_size)
+    return train_blocks, validation[: options.eval_blocks or len(validation)]
 
 
 def setup(options: PretrainOptions) -> Pretraining:
     """Tokenizer, model, data and every check before any training; then the optimizer and schedule, a checkpoint's
     state when resuming (restored before accelerate wraps the model), the log and the progress bar."""
-    check_counts(options)
+    check_options(options)
     check_report_to(options.report_to)
     keep_freed_memory()
     mixed_precision = options.mixed_precision or ("bf16" if torch.cuda.is_available() and not options.cpu else "no")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=options.cpu)
+    check_fsdp(accelerator)
     set_seed(options.seed)
     resume_from = resume_point(options.out, options.resume)
     tokenizer = build_tokenizer(options, accelerator)
     model = build_model(options, tokenizer)
     schedule = SequenceLengthSchedule(options.seq_len_schedule or str(options.block_size))
     check_inputs(options, model, tokenizer, schedule)
+    optimizer = make_optimizer(model, options, sharded=sharded_optimizer(accelerator))
     train_blocks, val_blocks = load_blocks(options, tokenizer, accelerator)
 
-    optimizer = make_optimizer(model, options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(options))
     state = {"tokens": 0, "loss_ema": None, "bad_steps": 0, "skipped": 0, "wall_time": 0.0}
+    state["optimizer"] = options.optimizer
     if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler)
+        saved = read_state(resume_from).get("optimizer", "adamw")
+        if saved != options.optimizer:
+            raise ValueError(
+                f"{resume_from} was trained with --optimizer {saved}, not {options.optimizer}: resume with the same"
+            )
+        state = {
+            "optimizer": options.optimizer,
+            **load_checkpoint(resume_from, accelerator, model, optimizer, scheduler),
+        }
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     start_step = state.get("step", 0)
     if options.compile:

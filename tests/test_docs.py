@@ -43,6 +43,7 @@ TINY_RUNS: dict[str, str] = {
     "training/demo.py": "tests/test_docs.py::test_demo_runs_tiny",
     "training/ablate.py": "tests/test_docs.py::test_ablate_runs_tiny",
     "tiny_hf/corpus.py": "tests/test_corpus.py::test_cli",
+    "training/shards.py": "tests/test_shards.py::test_cli_prepares_one_source",
     "bench/tokenizer_bench.py": "tests/test_docs.py::test_tokenizer_bench_runs_tiny",
     "bench/model_speed.py": "tests/test_docs.py::test_model_speed_runs_tiny",
     "bench/train_speed.py": "tests/test_docs.py::test_train_speed_runs_tiny",

@@ -3,7 +3,7 @@ the given ids (the end of the turn by default), and models the engine cannot run
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tiny_hf.chat import END_OF_TURN, _generate_batch, chat_generate, encode_prompts, end_of_turn_ids, make_engine
 
@@ -41,13 +41,20 @@ def test_engine_and_generate_give_the_same_greedy_replies_and_stop_at_the_stop_i
         assert cut.text == tokenizer.decode(cut.token_ids, skip_special_tokens=True).strip()
 
 
-def test_seeded_sampling_repeats_and_a_stock_model_goes_through_generate(tiny, stock_llama_dir):
+def test_seeded_sampling_repeats_and_other_models_go_through_generate(tiny, stock_llama_dir):
     model, tokenizer = tiny
     a = chat_generate(model, tokenizer, MESSAGES, max_new_tokens=8, temperature=1.0, seeds=[1, 2, 3])
     b = chat_generate(model, tokenizer, MESSAGES[::-1], max_new_tokens=8, temperature=1.0, seeds=[3, 2, 1])
     assert [r.token_ids for r in a] == [r.token_ids for r in b[::-1]]  # a reply does not depend on its batch
+    # A stock Llama runs in the engine (through from_llama, sharing its weights), with generate()'s greedy replies.
     llama = AutoModelForCausalLM.from_pretrained(stock_llama_dir, dtype=torch.float32).train()
-    assert make_engine(llama, tokenizer) is None
-    replies = chat_generate(llama, tokenizer, MESSAGES, max_new_tokens=5)
+    assert make_engine(llama, tokenizer) is not None
+    by_engine = chat_generate(llama, tokenizer, MESSAGES, max_new_tokens=6, stop_ids=[])
+    by_generate = _generate_batch(llama.eval(), tokenizer, encode_prompts(tokenizer, MESSAGES), 6, 0.0, [None] * 3, [])
+    assert [r.token_ids for r in by_engine] == by_generate
+    # A model the engine cannot run (GPT-2) still gets replies, through generate().
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4)).train()
+    assert make_engine(gpt2, tokenizer) is None
+    replies = chat_generate(gpt2, tokenizer, MESSAGES, max_new_tokens=5)
     assert len(replies) == 3 and all(0 < len(r.token_ids) <= 5 for r in replies)
-    assert llama.training  # the caller's mode is given back
+    assert gpt2.training  # the caller's mode is given back

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 from conftest import tiny_config
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -22,9 +22,11 @@ from tiny_hf.engine import (
     EngineLoop,
     QueueFullError,
     SamplingParams,
+    SpeculativeDecoder,
     apply_repetition_penalty,
     filter_logits,
     fit_messages,
+    layer_skip_draft,
     sample,
 )
 
@@ -82,6 +84,29 @@ def test_greedy_equals_generate_with_batching_chunks_and_prefix_cache(variant):
     assert not engine.has_unfinished() and all(owner is None for owner in engine.slot_owner)
 
 
+def test_llama_family_models_run_in_the_engine_with_generates_tokens():
+    """A stock LlamaForCausalLM (GQA, tied head) is served through from_llama: greedy tokens equal its generate()."""
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    ).eval()
+    with torch.no_grad():
+        llama.model.embed_tokens.weight.normal_(0, 1)
+    engine = Engine(llama, max_batch_size=3, token_budget=7)
+    results = engine.generate(PROMPTS[:4], SamplingParams(max_tokens=8, **GREEDY))
+    for prompt, result in zip(PROMPTS[:4], results, strict=True):
+        assert result.token_ids == generate_alone(llama, prompt, 8), prompt
+
+
 def greedy_with_logprobs(engine: Engine, prompts: list[list[int]], n: int):
     """Greedy outputs and, per request, the log-probabilities (n, V) each of its tokens was chosen from."""
     logprobs: dict[str, list[torch.Tensor]] = {}
@@ -103,13 +128,13 @@ def test_batched_prefill_equals_one_prompt_at_a_time(variant):
     tokens and log-probabilities equal those of an engine that prefills and decodes one prompt at a time."""
     model = sharp_model(**VARIANTS[variant])
     batched = Engine(model, max_batch_size=8, prefix_cache_tokens=0)
-    shapes, forward = [], batched._forward
+    shapes, forward = [], batched.runner.forward
 
     def spy(rows, ids, *args, **kwargs):
         shapes.append(tuple(ids.shape))
         return forward(rows, ids, *args, **kwargs)
 
-    batched._forward = spy
+    batched.runner.forward = spy
     tokens, logprobs = greedy_with_logprobs(batched, PROMPTS, 6)
     assert shapes[0] == (len(PROMPTS), max(len(p) for p in PROMPTS))  # one padded forward for every prompt
     alone_tokens, alone_logprobs = greedy_with_logprobs(
@@ -157,7 +182,7 @@ def test_cuda_graph_decode_equals_generate(variant):
     results = engine.generate(PROMPTS, SamplingParams(max_tokens=8, **GREEDY))
     for prompt, result in zip(PROMPTS, results, strict=True):
         assert result.token_ids == generate_alone(model, prompt, 8), prompt
-    assert engine._graphs  # the decode steps were replayed from captured graphs
+    assert engine.runner._graphs  # the decode steps were replayed from captured graphs
 
 
 def test_requests_joining_mid_flight_do_not_disturb_running_ones():
@@ -358,11 +383,9 @@ def test_bad_requests_and_models_get_clear_errors():
         engine.add_request([])
     with pytest.raises(ValueError, match="needs the engine to have a tokenizer"):
         engine.add_request("text")
-    llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    )
-    with pytest.raises(TypeError, match="use model.generate"):
-        Engine(llama)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, n_positions=64))
+    with pytest.raises(TypeError, match="GPT2LMHeadModel is neither: use model.generate"):
+        Engine(gpt2)
     with pytest.raises(ValueError, match="beyond the 'learned' position table"):
         Engine(sharp_model(position_embedding="learned"), max_seq_len=1000)
 
@@ -402,3 +425,63 @@ def test_engine_loop_serves_threads_and_asyncio_together(tiny_lm_dir):
     assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
     with pytest.raises(RuntimeError, match="not running"):
         loop.submit("The", None, outputs.append)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("draft_kind", ["layer_skip", "other_model"])
+def test_speculative_decoding_gives_the_targets_greedy_tokens(k, draft_kind):
+    target = sharp_model(num_hidden_layers=3, num_key_value_heads=2)
+    if draft_kind == "layer_skip":
+        draft = layer_skip_draft(target, 1)
+        assert draft.model.layers[0] is target.model.layers[0]  # shares the target's weights
+    else:
+        torch.manual_seed(1)
+        draft = sharp_model(hidden_size=16, num_hidden_layers=1)
+    decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=k)
+    for prompt in PROMPTS:
+        assert decoder.generate(prompt, 13) == generate_alone(target, prompt, 13), prompt
+    assert 0 <= decoder.accepted <= decoder.proposed and decoder.target_forwards >= 13 * len(PROMPTS) / (k + 1)
+    stop = generate_alone(target, PROMPTS[0], 13)[5]
+    out = decoder.generate(PROMPTS[0], 13, stop_token_ids=[stop])
+    assert out[-1] == stop and stop not in out[:-1]
+
+
+def test_speculative_decoding_with_itself_as_draft_accepts_everything():
+    target = sharp_model()
+    decoder = SpeculativeDecoder(target, target, num_speculative_tokens=4)
+    assert decoder.generate(PROMPTS[1], 20) == generate_alone(target, PROMPTS[1], 20)
+    assert decoder.acceptance_rate == 1.0 and decoder.target_forwards == 4  # 5 tokens per target forward
+
+
+def test_speculative_decoding_bad_input():
+    target = sharp_model(num_hidden_layers=2)
+    with pytest.raises(ValueError, match="num_speculative_tokens=0 must be an integer >= 1"):
+        SpeculativeDecoder(target, target, num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="differs from the target's"):
+        SpeculativeDecoder(target, sharp_model(vocab_size=50))
+    with pytest.raises(ValueError, match=r"num_layers=2 must be in \[1, 1\]"):
+        layer_skip_draft(target, 2)
+    with pytest.raises(ValueError, match="leave room for max_tokens=60"):
+        SpeculativeDecoder(target, target).generate(list(range(3, 13)), 60)
+
+
+@pytest.mark.parametrize("static_decode", [False, True], ids=["eager", "static"])
+def test_multi_step_decoding_equals_generate_and_stops_mid_chunk(static_decode):
+    """decode_steps=4: four greedy tokens per engine step; lengths that are not multiples of 4, a stop id met inside a
+    chunk and the end of the window give the tokens of one step at a time."""
+    model = sharp_model(num_key_value_heads=2)
+    engine = Engine(model, max_batch_size=3, token_budget=7, static_decode=static_decode, decode_steps=4)
+    lengths = [12, 5, 9, 13, 3, 10, 1]
+    results = engine.generate(PROMPTS, [SamplingParams(max_tokens=n, **GREEDY) for n in lengths])
+    for prompt, n, result in zip(PROMPTS, lengths, results, strict=True):
+        assert result.token_ids == generate_alone(model, prompt, n), prompt
+    assert engine.stats["steps"] < sum(lengths)  # several tokens per step
+    expected = generate_alone(model, PROMPTS[0], 12)
+    stop = expected[6]
+    got = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop]))[0]
+    assert got.token_ids == expected[: expected.index(stop) + 1] and got.finish_reason == "stop"
+    window = engine.generate([PROMPTS[4]], SamplingParams(**GREEDY))[0]  # runs to the end of the 64-token window
+    assert window.token_ids == generate_alone(model, PROMPTS[4], len(window.token_ids))
+    assert len(PROMPTS[4]) + len(window.token_ids) == 64 and window.finish_reason == "length"
+    with pytest.raises(ValueError, match="decode_steps=0 must be an integer >= 1"):
+        Engine(model, decode_steps=0)

@@ -11,6 +11,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
 )
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -291,6 +293,67 @@ def test_llama_equivalence_with_scaled_rope(rope):
     llama = tiny_hf.to_llama(model)
     ids = torch.randint(3, 99, (1, 60))
     torch.testing.assert_close(llama(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def _random_llama(**overrides) -> LlamaForCausalLM:
+    fields = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_key_value_heads=2, tie_word_embeddings=True),  # GQA, tied head (SmolLM2's shape)
+        dict(
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+        dict(attention_bias=True, mlp_bias=True, head_dim=16, rms_norm_eps=1e-5),
+    ],
+    ids=["gqa-tied", "mqa-untied-linear-rope", "biases-head-dim"],
+)
+def test_from_llama_gives_the_same_logits_and_shares_the_weights(overrides):
+    llama = _random_llama(**overrides)
+    model = tiny_hf.from_llama(llama)
+    assert isinstance(model, TinyForCausalLM)
+    assert model.config.tie_word_embeddings == llama.config.tie_word_embeddings
+    ids = torch.randint(3, 99, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    torch.testing.assert_close(model(ids).logits, llama(ids).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        model(ids, attention_mask=mask).logits[0, 5:],
+        llama(ids, attention_mask=mask).logits[0, 5:],
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    # No copy: the converted model reads the Llama's own tensors, so a later change to one is seen by the other.
+    assert model.model.layers[0].mlp.up_proj.weight.data_ptr() == llama.model.layers[0].mlp.up_proj.weight.data_ptr()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == llama.config.tie_word_embeddings
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(ids[:1], **kwargs), llama.generate(ids[:1], **kwargs))
+
+
+def test_from_llama_refuses_what_it_cannot_map():
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        tiny_hf.from_llama(_random_llama(hidden_act="gelu"))
+    with pytest.raises(ValueError, match="rope_type='llama3'"):
+        tiny_hf.from_llama(
+            _random_llama(
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "rope_theta": 10000.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            )
+        )
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, n_positions=64))
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        tiny_hf.from_llama(gpt2)
 
 
 def test_to_llama_rejects_other_shapes():

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from .configuration_tiny import PRESETS, TinyConfig
-from .convert import export, save_model, to_llama
+from .convert import export, from_llama, save_model, to_llama
 from .modeling_tiny import TinyForCausalLM, TinyForSequenceClassification, TinyModel, TinyPreTrainedModel
 from .tokenization_tiny import TinyTokenizerFast
 
@@ -33,6 +33,7 @@ __all__ = [
     "TinyPreTrainedModel",
     "TinyTokenizerFast",
     "export",
+    "from_llama",
     "save_model",
     "to_llama",
 ]

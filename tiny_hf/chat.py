@@ -2,8 +2,9 @@
 
 A chat model's turn ends with the template's end-of-turn token (`<|im_end|>` in ChatML, tiny_hf's template) and
 only a plain language model's text ends with eos, so both stop generation. `chat_generate` runs the prompts through
-tiny_hf's engine (continuous batching, one seeded generator per request) when `Engine.supports` the model, and
-through transformers' `generate()` on left-padded batches otherwise (any causal LM: a stock Llama, GPT-2).
+tiny_hf's engine (continuous batching, one seeded generator per request) when it runs the model (tiny_hf's own, or
+a Llama-family one through `from_llama`), and through transformers' `generate()` on left-padded batches otherwise
+(any other causal LM: GPT-2, a PEFT-wrapped Llama).
 SFT samples, GRPO/PPO rollouts, RAG answers and the comparison table all call it.
 """
 
@@ -62,8 +63,13 @@ def chat_generation_config(model, tokenizer) -> GenerationConfig | None:
 def engine_model(model):
     """The causal LM the engine would run: `model` itself, or a PEFT model's base (its layers carry the injected,
     active LoRA modules); None when the engine cannot run it."""
+    from .convert import engine_ready  # convert imports this module
+
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return lm if Engine.supports(lm) else None
+    try:
+        return engine_ready(lm)  # a Llama-family model runs as a TinyForCausalLM sharing its weights
+    except (TypeError, ValueError):
+        return None
 
 
 def make_engine(model, tokenizer, batch_size: int = 32, **kwargs) -> Engine | None:

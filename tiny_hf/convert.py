@@ -1,4 +1,5 @@
-"""Leaving tiny_hf: a stock `LlamaForCausalLM` for Llama tooling, and a self-contained remote-code folder.
+"""Leaving and entering tiny_hf: a stock `LlamaForCausalLM` for Llama tooling and back (`from_llama`, so the engine
+runs Llama-family checkpoints such as SmolLM2), and a self-contained remote-code folder.
 
 `to_llama` is lossless for the Llama-shaped configuration (rmsnorm, rope, swiglu, pre_norm, no q/k norm, no
 sliding window), because the state dict is key for key Llama's. `export` writes weights, config, tokenizer and
@@ -12,10 +13,12 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from .chat import chat_generation_config
-from .configuration_tiny import TinyConfig
+from .configuration_tiny import ROPE_TYPES, TinyConfig
+from .modeling_tiny import TinyForCausalLM, TinyRotaryEmbedding
 
 PACKAGE_DIR = Path(__file__).parent
 # The files an exported folder needs: the model imports only its configuration; the tokenizer stands alone.
@@ -76,6 +79,79 @@ def to_llama(model: PreTrainedModel) -> LlamaForCausalLM:
     llama.load_state_dict(model.state_dict(), strict=True)  # strict: the key sets must match exactly
     llama.generation_config = model.generation_config
     return llama.train(model.training).to(model.device)
+
+
+LLAMA_FAMILY = ("llama", "mistral")  # the model types whose weights and config map one to one onto a TinyConfig
+
+
+def tiny_config_from_llama(config) -> TinyConfig:
+    """The `TinyConfig` of a Llama-family config (rmsnorm, rope, swiglu, pre_norm); a ValueError names what differs."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    problems = []
+    if config.model_type not in LLAMA_FAMILY:
+        problems.append(f"model_type={config.model_type!r} (one of {list(LLAMA_FAMILY)} is needed)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config.hidden_act!r} (swiglu needs 'silu')")
+    if rope.get("rope_type", "default") not in ROPE_TYPES:
+        problems.append(f"rope_type={rope.get('rope_type')!r} (tiny_hf has {list(ROPE_TYPES)})")
+    if problems:
+        raise ValueError("this model cannot become a TinyForCausalLM: " + "; ".join(problems))
+    return TinyConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters=rope,
+        sliding_window=getattr(config, "sliding_window", None),
+        attention_bias=getattr(config, "attention_bias", False),
+        mlp_bias=getattr(config, "mlp_bias", False),
+        norm_eps=config.rms_norm_eps,
+        initializer_range=config.initializer_range,
+        tie_word_embeddings=config.tie_word_embeddings,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+
+
+def from_llama(model: PreTrainedModel) -> TinyForCausalLM:
+    """A `TinyForCausalLM` sharing a Llama-family model's weights (no copy), with the same logits: the inverse of
+    `to_llama`, so tiny_hf's engine can serve real checkpoints (SmolLM2, TinyLlama, Mistral-shaped models).
+
+    Args:
+        model: A `LlamaForCausalLM` (or `MistralForCausalLM`) from transformers.
+    """
+    config = tiny_config_from_llama(model.config)
+    with torch.device("meta"):
+        tiny = TinyForCausalLM(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])  # tied: one tensor under both names
+    tiny.load_state_dict(state, strict=True, assign=True)  # assign: the same tensors, no copy of the weights
+    if config.tie_word_embeddings:
+        tiny.lm_head.weight = tiny.model.embed_tokens.weight
+    tiny.model.rotary_emb = TinyRotaryEmbedding(config).to(model.device)  # buffers, not in the state dict
+    tiny.generation_config = model.generation_config
+    tiny.config._name_or_path = model.config._name_or_path
+    return tiny.train(model.training).to(model.device)
+
+
+def engine_ready(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` as the engine runs it: itself when it is a TinyForCausalLM, `from_llama(model)` when it is
+    Llama-family, else a TypeError that says to use `generate()`."""
+    from .engine import Engine
+
+    if Engine.supports(model):
+        return model
+    if getattr(getattr(model, "config", None), "model_type", None) in LLAMA_FAMILY:
+        return from_llama(model)
+    raise TypeError(
+        f"the engine runs TinyForCausalLM and Llama-family models ({list(LLAMA_FAMILY)}); "
+        f"{type(model).__name__} is neither: use model.generate() for this one"
+    )
 
 
 def export(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:

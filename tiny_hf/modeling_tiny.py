@@ -340,6 +340,35 @@ ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | 
 }
 
 
+def attention_bias(
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    *,
+    sliding_window: int | None,
+    slopes: torch.Tensor | None,
+    dtype: torch.dtype,
+    same_document: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The additive attention bias (B, 1 or H, Q, K) from the positions of the queries (B, Q) and of the keys (B, K),
+    where a key position of -1 marks an empty or padding key. The one mask of the model and the inference engine.
+
+    A query sees a key when the key is written, not after it (causal), within `sliding_window`, and in the same
+    document (`same_document` (B, Q, K), for packed rows); ALiBi (Press et al. 2022) adds -slope x distance.
+    """
+    qp, kp = query_positions[:, :, None], key_positions[:, None, :]  # (B, Q, 1), (B, 1, K)
+    allowed = (kp >= 0) & (kp <= qp)  # (B, Q, K)
+    if sliding_window is not None:
+        allowed = allowed & (qp - kp < sliding_window)
+    if same_document is not None:
+        allowed = allowed & same_document
+    minimum = torch.finfo(dtype).min
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, minimum)[:, None]
+    if slopes is not None:
+        distance = (qp - kp).clamp(min=0).to(dtype)[:, None]  # (B, 1, Q, K)
+        bias = (bias - slopes.to(dtype)[None, :, None, None] * distance).clamp(min=minimum)  # (B, H, Q, K)
+    return bias
+
+
 def build_attention_bias(
     *,
     batch_size: int,
@@ -352,14 +381,10 @@ def build_attention_bias(
     dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """The additive attention bias over all slots [0, past + Q), shape (B, 1 or H, Q, past + Q), or None when plain
-    causal attention is exact (then the kernels use their fused causal path).
-
-    A query in slot i may see key slot j when: j <= i (causal), the key is not padding (`attention_mask`),
-    i - j < sliding_window, and, in a packed batch without cache, both lie in the same document (positions restart
-    at 0). ALiBi adds -slope * (i - j). Attention layers slice the last K columns: a sliding-window cache returns only
-    the most recent keys, so slots, not cache indices, are what the mask is built on.
-    """
+    """The bias of a `forward` over cache slots [0, past + Q): `attention_bias` with slot numbers as positions, padding
+    keys (`attention_mask` 0) empty, and, in a packed batch without cache, documents kept apart (positions restart
+    at 0). None when plain causal attention is exact (then the kernels use their fused causal path). Attention layers
+    slice the last K columns: a sliding-window cache returns only the most recent keys."""
     total = past_length + query_length
     padded = attention_mask is not None and not bool(attention_mask.all())
     packed = (
@@ -368,22 +393,22 @@ def build_attention_bias(
     windowed = sliding_window is not None and total > sliding_window
     if not (padded or packed or windowed or slopes is not None) and (past_length == 0 or query_length == 1):
         return None
-
-    query_slots = torch.arange(past_length, total, device=device)[:, None]  # (Q, 1)
-    key_slots = torch.arange(total, device=device)[None, :]  # (1, total)
-    allowed = (key_slots <= query_slots)[None, None]  # (1, 1, Q, total)
-    if windowed:
-        allowed = allowed & (query_slots - key_slots < sliding_window)
+    query_slots = torch.arange(past_length, total, device=device)[None]  # (1, Q)
+    key_slots = torch.arange(total, device=device)[None]  # (1, total)
     if padded:
-        allowed = allowed & attention_mask[:, None, None, -total:].bool()  # (B, 1, 1, total)
+        key_slots = key_slots.masked_fill(~attention_mask[:, -total:].bool(), -1)  # (B, total)
+    same_document = None
     if packed:
         document = (position_ids == 0).cumsum(-1)  # (B, T): index of the document each token belongs to
-        allowed = allowed & (document[:, None, :, None] == document[:, None, None, :])
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    if slopes is not None:
-        distance = (query_slots - key_slots).clamp(min=0).to(dtype)  # (Q, total)
-        bias = bias + (-slopes.to(dtype)[:, None, None] * distance)[None]  # (B or 1, H, Q, total)
-        bias = bias.clamp(min=torch.finfo(dtype).min)
+        same_document = document[:, :, None] == document[:, None, :]  # (B, Q, total)
+    bias = attention_bias(
+        query_slots,
+        key_slots,
+        sliding_window=sliding_window if windowed else None,
+        slopes=slopes,
+        dtype=dtype,
+        same_document=same_document,
+    )
     return bias.expand(batch_size, -1, -1, -1) if bias.shape[0] == 1 and batch_size > 1 else bias
 
 
@@ -615,6 +640,40 @@ class TinyModel(TinyPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb else None
         return hidden_states, position_embeddings
 
+    def _positions_and_bias(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """Default position ids (left padding counted out) and the attention bias of a transformers-style call."""
+        batch, q_len = inputs_embeds.shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + q_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + seq_len) = "
+                f"({batch}, {past_length + q_len}): it covers the cached tokens too"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                # Count only real tokens, so a left-padded row gets the positions it would have unpadded.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+            else:
+                position_ids = torch.arange(past_length, past_length + q_len, device=inputs_embeds.device)[None]
+        bias = build_attention_bias(
+            batch_size=batch,
+            query_length=q_len,
+            past_length=past_length,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            sliding_window=self.config.sliding_window,
+            slopes=self.alibi_slopes,
+            dtype=inputs_embeds.dtype,
+            device=inputs_embeds.device,
+        )
+        return position_ids, bias
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -626,8 +685,12 @@ class TinyModel(TinyPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         cache: Cache | None = None,
+        attention_bias: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """Args as transformers' models, plus `attention_bias`: a ready bias over the keys the cache will return (see
+        `attention_bias()`), as the inference engine builds it from its slots; it then replaces `attention_mask`, and
+        `position_ids` are required."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None and input_ids.dim() != 2:
@@ -648,33 +711,13 @@ class TinyModel(TinyPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        batch, q_len = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + q_len):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + seq_len) = "
-                f"({batch}, {past_length + q_len}): it covers the cached tokens too"
-            )
-        if position_ids is None:
-            if attention_mask is not None:
-                # Count only real tokens, so a left-padded row gets the positions it would have unpadded.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
-            else:
-                position_ids = torch.arange(past_length, past_length + q_len, device=inputs_embeds.device)[None]
-
+        if attention_bias is None:
+            position_ids, attention_bias = self._positions_and_bias(inputs_embeds, attention_mask, position_ids, cache)
+        elif position_ids is None:
+            raise ValueError("a given attention_bias needs the position_ids of the queries")
         hidden_states, position_embeddings = self.add_positions(inputs_embeds, position_ids)
         attn_kwargs = dict(
-            attention_bias=build_attention_bias(
-                batch_size=batch,
-                query_length=q_len,
-                past_length=past_length,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                sliding_window=self.config.sliding_window,
-                slopes=self.alibi_slopes,
-                dtype=hidden_states.dtype,
-                device=hidden_states.device,
-            ),
+            attention_bias=attention_bias,
             position_embeddings=position_embeddings,
             cache=cache,
             output_attentions=bool(output_attentions),

@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error(f"--new-tokens {args.new_tokens}: decode speed needs at least 2")
+    longest = max(args.prompt_len + args.new_tokens, 256 if args.lengths == "mixed" and args.concurrent else 0)
+    if longest > args.max_seq_len:
+        parser.error(f"--max-seq-len {args.max_seq_len}: the longest request needs {longest} (mixed lengths: 256)")
     return args
 
 
@@ -266,7 +269,7 @@ def batch1_systems(models: Models, llms: dict, args) -> dict:
             )
             systems["engine_compiled"] = lambda p, n: run_engine(compiled, p, n)
     if not args.no_generate:
-        hf = models.engine_model if models.engine_model is not None else models.llama
+        hf = models.llama if models.stock_llama or models.engine_model is None else models.engine_model
         systems["generate"] = lambda p, n: run_generate(hf, p, n)
     for dtype, llm in llms.items():
         systems[f"llama_cpp_{dtype}"] = lambda p, n, llm=llm: run_llama_cpp(llm, p, n)
@@ -285,23 +288,32 @@ def ratios(ours: list[float], theirs: list[float]) -> list[float]:
     return [a / b for a, b in zip(ours, theirs, strict=True)]
 
 
-def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
-    return [rng.randrange(5, vocab) for _ in range(length)]
+def text_tokens(tokenizer) -> list[int]:
+    """The pydoc topics as the model's tokens: prompts are windows of real text, so a trained model's greedy
+    choices are clear-cut and agreement with llama.cpp means something."""
+    from tiny_hf.corpus import topic_documents
+
+    return tokenizer("\n\n".join(d["text"] for d in topic_documents()), verbose=False).input_ids
+
+
+def random_prompt(rng: random.Random, length: int, text: list[int]) -> list[int]:
+    start = rng.randrange(len(text) - length)
+    return text[start : start + length]
 
 
 def ordered(names: list[str], round_index: int) -> list[str]:
     return names if round_index % 2 == 0 else names[::-1]
 
 
-def batch1(systems: dict, args, vocab: int, rng: random.Random) -> tuple[dict, dict]:
+def batch1(systems: dict, args, text: list[int], rng: random.Random) -> tuple[dict, dict]:
     """Per system: time to first token (ms) and decode tokens/s over the rounds; and each system's tokens on the
     first round's prompt."""
-    warm = random_prompt(rng, args.prompt_len, vocab)
+    warm = random_prompt(rng, args.prompt_len, text)
     for run in systems.values():  # warm up (and compile)
         run(warm, 4)
     ttft, decode, first_tokens = {n: [] for n in systems}, {n: [] for n in systems}, {}
     for r in range(args.rounds):
-        prompt = random_prompt(rng, args.prompt_len, vocab)
+        prompt = random_prompt(rng, args.prompt_len, text)
         for name in ordered(list(systems), r):
             result = systems[name](prompt, args.new_tokens)
             ttft[name].append(result.ttft * 1000)
@@ -317,10 +329,10 @@ def batch1(systems: dict, args, vocab: int, rng: random.Random) -> tuple[dict, d
     return figures, first_tokens
 
 
-def workload(args, vocab: int, rng: random.Random) -> list[tuple[list[int], int]]:
+def workload(args, text: list[int], rng: random.Random) -> list[tuple[list[int], int]]:
     if args.lengths == "fixed":
-        return [(random_prompt(rng, args.prompt_len, vocab), args.new_tokens) for _ in range(args.concurrent)]
-    return [(random_prompt(rng, rng.randint(16, 128), vocab), rng.randint(32, 128)) for _ in range(args.concurrent)]
+        return [(random_prompt(rng, args.prompt_len, text), args.new_tokens) for _ in range(args.concurrent)]
+    return [(random_prompt(rng, rng.randint(16, 128), text), rng.randint(32, 128)) for _ in range(args.concurrent)]
 
 
 def serve_engine(engine: Engine, requests: list) -> tuple[float, list[float]]:
@@ -343,7 +355,7 @@ def serve_llama_cpp(llm, requests: list) -> tuple[float, list[float]]:
     return time.perf_counter() - start, first
 
 
-def concurrent(models: Models, llm, args, vocab: int, rng: random.Random) -> dict:
+def concurrent(models: Models, llm, args, text: list[int], rng: random.Random) -> dict:
     """Engine tokens/s with every request submitted at once vs llama.cpp f32 one after another."""
     servers = {}
     for name, compile in (("engine", False), ("engine_compiled", True)):
@@ -358,12 +370,12 @@ def concurrent(models: Models, llm, args, vocab: int, rng: random.Random) -> dic
         )
         servers[name] = lambda reqs, e=engine: serve_engine(e, reqs)
     servers["llama_cpp_f32"] = lambda reqs: serve_llama_cpp(llm, reqs)
-    warm = [(prompt, min(n, 8)) for prompt, n in workload(args, vocab, rng)]
+    warm = [(prompt, min(n, 8)) for prompt, n in workload(args, text, rng)]
     for serve in servers.values():  # warm up (and compile the padded batch sizes)
         serve(warm)
     tps, ttft = {n: [] for n in servers}, {n: [] for n in servers}
     for r in range(args.rounds):
-        requests = workload(args, vocab, rng)
+        requests = workload(args, text, rng)
         total = sum(n for _, n in requests)
         for name in ordered(list(servers), r):
             seconds, firsts = servers[name](requests)
@@ -403,7 +415,8 @@ SAMPLING_OPS = ("aten::argmax", "aten::softmax", "aten::_softmax", "aten::topk",
 CLOSE_IT = {
     "matmul": "memory-bound weight reads: fuse q/k/v and gate/up into one matmul each, or read the weights once per "
     "step in lower precision (bf16/int8 kernels, as llama.cpp's q8_0)",
-    "attention": "attend over the written keys only (not the whole --max-seq-len window), fuse RoPE into q/k",
+    "attention": "fewer small ops around SDPA (RoPE, cache writes, transposes); the static step of compile=True "
+    "attends over the whole --max-seq-len window: the written keys only would do",
     "other model ops": "fuse RMSNorm and SwiGLU (compile=True does), drop residual copies",
     "sampling": "argmax on the last position only, without the fp32 copy of the logits",
     "engine bookkeeping": "build masks and positions once per step on the device, not per layer",
@@ -412,7 +425,7 @@ CLOSE_IT = {
 }
 
 
-def profile_decode(models: Models, args, vocab: int, rng: random.Random) -> dict:
+def profile_decode(models: Models, args, text: list[int], rng: random.Random) -> dict:
     """torch.profiler over `--profile-steps` eager decode steps; module hooks open named ranges so each operator's
     self time is charged to the linear layers, the attention, the rest of the model, or the engine outside it."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -436,7 +449,7 @@ def profile_decode(models: Models, args, vocab: int, rng: random.Random) -> dict
         kind = kind or ("model" if name.endswith(("embed_tokens", "norm")) or name.count(".") == 2 else None)
         if kind and name:
             handles += [module.register_forward_pre_hook(enter(f"bench::{kind}")), module.register_forward_hook(leave)]
-    stream = engine.stream(random_prompt(rng, args.prompt_len, vocab), greedy(args.profile_steps + 4))
+    stream = engine.stream(random_prompt(rng, args.prompt_len, text), greedy(args.profile_steps + 4))
     try:
         next(stream)  # the prefill
         next(stream)
@@ -542,7 +555,8 @@ def section(entry: dict) -> str:
 
 
 def goal_lines(entry: dict) -> list[str]:
-    names = {"batch1_decode": "batch-1 decode", "concurrent": f"{GOAL_CONCURRENT:g}x served concurrently"}
+    requests = entry.get("concurrent", {}).get("requests")
+    names = {"batch1_decode": "batch-1 decode", "concurrent": f"{requests} requests at once, tokens/s"}
     out = []
     for key, g in entry["goals"].items():
         verdict = "met" if g["met"] else "**missed**"
@@ -586,7 +600,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     models = load_models(args)
-    vocab = models.llama.config.vocab_size
+    text = text_tokens(models.tokenizer)
     params = sum(p.numel() for p in models.llama.parameters())
     print(f"{models.label}: {params / 1e6:.1f}M parameters, {args.threads} threads")
     with contextlib.ExitStack() as stack:
@@ -595,7 +609,7 @@ def main(argv=None) -> dict:
         dtypes = [d for d in args.gguf_dtypes.split(",") if d]
         files = gguf_files(models, dtypes, folder)
         llms = {dtype: open_llama_cpp(path, args) for dtype, path in files.items()}
-        b1, first_tokens = batch1(batch1_systems(models, llms, args), args, vocab, rng)
+        b1, first_tokens = batch1(batch1_systems(models, llms, args), args, text, rng)
         entry = {
             "label": models.label,
             "model": args.model or f"{args.preset} (random weights)",
@@ -610,9 +624,9 @@ def main(argv=None) -> dict:
             "notes": models.notes,
         }
         if args.concurrent and "f32" in llms:
-            entry["concurrent"] = concurrent(models, llms["f32"], args, vocab, rng)
+            entry["concurrent"] = concurrent(models, llms["f32"], args, text, rng)
         if args.profile and models.engine_model is not None:
-            entry["profile"] = profile_decode(models, args, vocab, rng)
+            entry["profile"] = profile_decode(models, args, text, rng)
         del llms
     entry["goals"] = goals(entry)
     write(entry, args)

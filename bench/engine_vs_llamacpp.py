@@ -237,6 +237,7 @@ def run_generate(model, prompt: list[int], n: int) -> Run:
         max_new_tokens=n,
         min_new_tokens=n,  # eos ignored: exactly n, as the engine's ignore_eos
         do_sample=False,
+        repetition_penalty=1.0,  # a chat folder's generation config has 1.1: greedy here, as every other system
         pad_token_id=model.config.pad_token_id,
         streamer=times,
     )

@@ -1,14 +1,16 @@
 """Our engine against llama.cpp (llama-cpp-python) on the same weights, same precision (f32), same threads.
 
 One process, alternating rounds (the order flips every round, so drift in the machine's speed hits every system
-alike); each round takes fresh random prompts, the same for every system, so no prefix cache helps anyone.
+alike); each round takes fresh prompts (windows of the pydoc topics at random offsets, in the model's tokens), the
+same for every system, so no prefix cache helps anyone.
 
 1. Batch 1: a `--prompt-len` prompt and `--new-tokens` greedy tokens (eos ignored). Time to first token (the
    prefill plus one sampling step) and decode tokens/s after it ((new - 1) tokens over the time from the first token
    to the last), for the engine (eager and `compile=True`), transformers' `generate()` (the reference) and llama.cpp
    on an f32 GGUF (f16/q8_0 too with `--gguf-dtypes`, for reference: we have no engine at those precisions).
 2. Concurrency: `--concurrent` requests (mixed lengths by default), all submitted to the engine at once vs llama.cpp
-   serving them one after another: generated tokens/s and the median time to first token.
+   serving them one after another (a request's time to first token includes its wait): generated tokens/s and the
+   median time to first token.
 3. Greedy agreement: the engine's tokens against llama.cpp f32's on the first round's prompt.
 4. `--profile`: torch.profiler on a few eager engine decode steps, time split into matmul, attention, other model
    ops, sampling, engine bookkeeping and Python, with what would close the gap.
@@ -59,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--gguf-dir", type=Path, default=None, help="where GGUFs go (default: RUN/gguf; temp for presets)"
     )
     model.add_argument("--gguf-dtypes", default="f32", help="llama.cpp precisions, f32 first (also f16, q8_0)")
+    model.add_argument("--extra-bufts", action="store_true", help="let llama.cpp repack weights (crashes when tiny)")
     work = parser.add_argument_group("workload")
     work.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for torch and llama.cpp alike")
     work.add_argument("--rounds", type=int, default=5)
@@ -159,12 +162,15 @@ def gguf_files(models: Models, dtypes: list[str], folder: Path) -> dict[str, Pat
 
 
 @contextlib.contextmanager
-def plain_buffers():
+def plain_buffers(enabled: bool = True):
     """llama.cpp 0.3.36's repacked CPU buffers (llama.cpp's extra buffer types) crash on small matrices: load into
     plain ones (`--no-extra-bufts`), as tests/test_export.py does."""
     import llama_cpp.llama_cpp as api
 
     defaults = api.llama_model_default_params
+    if not enabled:
+        yield
+        return
 
     def params():
         p = defaults()
@@ -181,7 +187,7 @@ def plain_buffers():
 def open_llama_cpp(path: Path, args):
     from llama_cpp import Llama
 
-    with plain_buffers():
+    with plain_buffers(not args.extra_bufts):
         return Llama(
             model_path=str(path),
             n_ctx=args.max_seq_len,

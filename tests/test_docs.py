@@ -68,6 +68,9 @@ TINY_RUNS: dict[str, str] = {
     "rag/search.py": "tests/test_rag.py::test_index_and_search_cli",
     "rag/answer.py": "tests/test_docs.py::test_rag_answer_runs_tiny",
     "bench/rag_bench.py": "tests/test_docs.py::test_rag_bench_runs_tiny",
+    "bench/engine_vs_llamacpp.py": (
+        "tests/test_engine_vs_llamacpp.py::test_both_models_write_one_results_file_with_every_figure"
+    ),
     "bench/server_soak.py": (
         "tests/test_server_soak.py::test_a_thousand_mixed_requests_leave_the_server_idle_without_errors_or_growth"
     ),

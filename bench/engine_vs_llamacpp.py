@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     work.add_argument("--max-seq-len", type=int, default=256, help="engine window and llama.cpp n_ctx")
     work.add_argument("--no-compile", action="store_true", help="skip the engine with compile=True")
+    work.add_argument(
+        "--decode-steps", type=int, default=8, help="also time the compiled engine with this many greedy steps per call"
+    )
     work.add_argument("--no-generate", action="store_true", help="skip transformers' generate()")
     work.add_argument(
         "--compiled-concurrent", action="store_true", help="also serve the requests compiled (slow start)"
@@ -275,6 +278,16 @@ def batch1_systems(models: Models, llms: dict, args) -> dict:
                 models.engine_model, models.tokenizer, max_batch_size=1, max_seq_len=args.max_seq_len, compile=True
             )
             systems["engine_compiled"] = lambda p, n: run_engine(compiled, p, n)
+            if args.decode_steps > 1:
+                multi = Engine(
+                    models.engine_model,
+                    models.tokenizer,
+                    max_batch_size=1,
+                    max_seq_len=args.max_seq_len,
+                    compile=True,
+                    decode_steps=args.decode_steps,
+                )
+                systems[f"engine_compiled_steps{args.decode_steps}"] = lambda p, n: run_engine(multi, p, n)
     if not args.no_generate:
         hf = models.llama if models.stock_llama or models.engine_model is None else models.engine_model
         systems["generate"] = lambda p, n: run_generate(hf, p, n)

@@ -610,6 +610,9 @@ class EngineOptions:
         default="reject", metadata={"help": "a prompt over the window: refused or cut", "choices": WINDOW_POLICIES}
     )
     compile: bool = field(default=False, metadata={"help": "compile the decode step (fast batch-1 on CPU)"})
+    decode_steps: int = field(
+        default=1, metadata={"help": "greedy tokens per decode call when every running request is greedy"}
+    )
 
 
 @dataclass

@@ -70,6 +70,33 @@ def test_smollm2_is_a_stock_llama_that_chats_and_stops_at_the_end_of_turn(fetche
 
 
 @pytest.mark.slow
+def test_smollm2_runs_in_the_engine_with_generates_greedy_tokens(fetched):
+    """The real checkpoint through from_llama: the engine's greedy chat answer (eager, then multi-step and
+    speculative with a draft of its own first 10 layers) equals transformers' generate() token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_hf.engine import Engine, SamplingParams, SpeculativeDecoder, layer_skip_draft
+
+    folder = fetched[0] / "model"
+    llama = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
+    n = 24
+    expected = llama.generate(
+        torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0
+    )[0, len(ids) :].tolist()
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    engine = Engine(llama, tokenizer, max_batch_size=2, max_seq_len=256)
+    assert type(engine.model).__name__ == "TinyForCausalLM"
+    assert engine.generate([ids], params)[0].token_ids == expected
+    multi = Engine(llama, tokenizer, max_batch_size=2, max_seq_len=256, decode_steps=4)
+    assert multi.generate([ids], params)[0].token_ids == expected
+    draft = layer_skip_draft(engine.model, 10)
+    assert SpeculativeDecoder(engine.model, draft, num_speculative_tokens=4).generate(ids, n) == expected
+
+
+@pytest.mark.slow
 def test_a_finished_fetch_is_reused_and_its_run_config_says_where_it_came_from(fetched, capsys):
     out, cache, _ = fetched
     config = json.loads((out / "run_config.json").read_text())

@@ -301,6 +301,27 @@ def test_characters_split_across_tokens_stream_whole(tiny_lm_dir, monkeypatch):
         live.close()
 
 
+def test_a_stock_llama_folder_is_served_by_the_engine(stock_llama_dir):
+    """A transformers Llama folder runs in the engine (through from_llama): the server's greedy completion has
+    generate()'s tokens."""
+    live = LiveServer(stock_llama_dir, max_batch_size=2, max_seq_len=128)
+    try:
+        assert type(live.engine.model).__name__ == "TinyForCausalLM"
+        llama = AutoModelForCausalLM.from_pretrained(stock_llama_dir, dtype=torch.float32).eval()
+        tokenizer = live.engine.tokenizer
+        prompt = tokenizer("The json module", add_special_tokens=False).input_ids
+        out = llama.generate(
+            torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+        expected = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+        args = dict(
+            model="tiny", prompt="The json module", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert live.client().completions.create(**args).choices[0].text == expected
+    finally:
+        live.close()
+
+
 def test_api_key_is_required_when_set(tiny_lm_dir):
     live = LiveServer(tiny_lm_dir, api_key="s3cret", max_batch_size=2, max_seq_len=64)
     try:

@@ -66,6 +66,7 @@ BENCHMARKS: dict[str, str] = {
     "attention-cost": "bench.attention_cost",
     "rag": "bench.rag_bench",
     "server-soak": "bench.server_soak",
+    "speculative": "bench.speculative_bench",
     "engine-vs-llamacpp": "bench.engine_vs_llamacpp",
 }
 

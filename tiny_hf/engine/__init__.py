@@ -9,7 +9,8 @@ part, each small enough to read in one sitting:
 - kv_cache.py: the preallocated slot cache and the prefix cache.
 - scheduler.py: admission, chunked prefill, continuous batching, the context-window policies.
 - model_runner.py: the model's own forward over the cache; fixed-shape decode steps, compiled or CUDA-graphed.
-- detokenize.py: incremental detokenization and stop strings; engine.py: the step; loop.py: the serving thread.
+- detokenize.py: incremental detokenization and stop strings; config.py: the settings, checked against the model;
+  engine.py: the step; loop.py: the serving thread.
 - speculative.py: a draft model proposes tokens, the target checks them in one forward.
 
     engine = Engine.from_pretrained("runs/demo/model")
@@ -20,6 +21,7 @@ part, each small enough to read in one sitting:
 docs/09-serving.md explains the design in more depth.
 """
 
+from .config import EngineConfig
 from .engine import Engine
 from .kv_cache import PREFIX_BLOCK, PrefixCache, SlotKVCache
 from .loop import EngineLoop
@@ -35,6 +37,7 @@ __all__ = [
     "Completion",
     "ContextWindowError",
     "Engine",
+    "EngineConfig",
     "EngineLoop",
     "PrefixCache",
     "QueueFullError",

@@ -8,7 +8,6 @@ steps for one caller; `EngineLoop` (loop.py) drives them in a thread shared by m
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import time
 import uuid
@@ -17,14 +16,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .config import EngineConfig, supports
 from .detokenize import decode_new_text, find_stop, safe_delta
 from .kv_cache import SlotKVCache
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample_tokens
-from .scheduler import WINDOW_POLICIES, Scheduler
+from .scheduler import Scheduler
 from .sequence import Completion, Request, RequestOutput
-
-ENGINE_MODULES = ("embed_tokens", "add_positions", "layers", "norm")  # what the engine needs on model.model
 
 
 class Engine:
@@ -49,15 +47,7 @@ class Engine:
             or repetition penalty (multi-step scheduling): the engine's Python runs once per `decode_steps` tokens.
     """
 
-    @staticmethod
-    def supports(model) -> bool:
-        """Whether the engine can run `model`: a TinyForCausalLM whose forward takes the engine's attention bias."""
-        inner = getattr(model, "model", None)
-        return (
-            all(hasattr(inner, name) for name in ENGINE_MODULES)
-            and hasattr(model, "lm_head")
-            and "attention_bias" in inspect.signature(inner.forward).parameters
-        )
+    supports = staticmethod(supports)
 
     def __init__(
         self,
@@ -77,26 +67,27 @@ class Engine:
     ):
         from ..convert import engine_ready  # convert -> chat -> engine: imported here, not at the top
 
-        model = engine_ready(model)
-        config = model.config
-        max_seq_len = self._check_arguments(model, window_policy, max_seq_len, max_batch_size, token_budget, max_queue)
-        self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
+        model = engine_ready(model).eval()
+        self.settings = EngineConfig(
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            token_budget=token_budget,
+            max_queue=max_queue,
+            prefix_cache_tokens=prefix_cache_tokens,
+            window_policy=window_policy,
+            cuda_graphs=cuda_graphs,
+            static_decode=static_decode,
+            compile=compile,
+            decode_steps=decode_steps,
+        ).resolve(model)
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        self.max_batch_size, self.max_seq_len, self.max_queue = max_batch_size, max_seq_len, max_queue
-        self.token_budget, self.window_policy = token_budget, window_policy
+        self.max_batch_size, self.max_seq_len = self.settings.max_batch_size, self.settings.max_seq_len
+        self.max_queue, self.window_policy = max_queue, window_policy
         self.ring = window_policy == "sliding"
-        self.cache = SlotKVCache(
-            num_layers=config.num_hidden_layers,
-            num_slots=max_batch_size,
-            num_kv_heads=config.num_key_value_heads,
-            max_len=max_seq_len,
-            head_dim=config.head_dim,
-            vocab_size=config.vocab_size,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        self.cache = self._make_cache()
         # A prefill chunk must not overwrite ring entries its own first query still needs.
-        chunk_limit = min(token_budget, max_seq_len - config.sliding_window) if self.ring else token_budget
+        chunk_limit = min(token_budget, self.max_seq_len - self.config.sliding_window) if self.ring else token_budget
         self.scheduler = Scheduler(
             self.cache,
             max_queue=max_queue,
@@ -105,12 +96,17 @@ class Engine:
             window_policy=window_policy,
             chunk_limit=chunk_limit,
         )
-        if not isinstance(decode_steps, int) or decode_steps < 1:
-            raise ValueError(f"decode_steps={decode_steps!r} must be an integer >= 1")
-        mode = self._decode_mode(cuda_graphs, static_decode, compile)
-        self.runner = ModelRunner(model, self.cache, **mode, decode_steps=decode_steps)
+        s = self.settings
+        self.runner = ModelRunner(
+            model,
+            self.cache,
+            cuda_graphs=s.cuda_graphs,
+            static_decode=s.static_decode,
+            compile=compile,
+            decode_steps=decode_steps,
+        )
         eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = {eos if eos is not None else config.eos_token_id} - {None}
+        self.eos_ids = {eos if eos is not None else self.config.eos_token_id} - {None}
         self.requests: dict[str, Request] = {}
         self._aborted: set[str] = set()
         self._ids = itertools.count()
@@ -119,57 +115,18 @@ class Engine:
         )
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per step, for tokens/s
 
-    @classmethod
-    def _check_arguments(cls, model, window_policy, max_seq_len, max_batch_size, token_budget, max_queue) -> int:
-        """Refuse a model or settings the engine cannot serve, before anything is allocated; returns the window."""
-        config = model.config
-        if not cls.supports(model):
-            raise TypeError(
-                f"the engine runs TinyForCausalLM models; {type(model).__name__} is not one (or comes from an older "
-                "exported folder): use model.generate() for this one"
-            )
-        if window_policy not in WINDOW_POLICIES:
-            raise ValueError(f"window_policy={window_policy!r} is not one of {list(WINDOW_POLICIES)}")
-        sliding_window = getattr(config, "sliding_window", None)
-        if window_policy == "sliding":
-            if not sliding_window:
-                raise ValueError("window_policy='sliding' needs a model configured with a sliding_window")
-            if config.position_embedding in ("learned", "sinusoidal"):
-                raise ValueError("window_policy='sliding' needs relative positions (rope, alibi or none)")
-        max_seq_len = max_seq_len or config.max_position_embeddings
-        if config.position_embedding in ("learned", "sinusoidal") and max_seq_len > config.max_position_embeddings:
-            raise ValueError(
-                f"max_seq_len={max_seq_len} is beyond the {config.position_embedding!r} position table "
-                f"({config.max_position_embeddings} positions)"
-            )
-        if window_policy == "sliding" and max_seq_len < sliding_window + 16:
-            raise ValueError(f"max_seq_len={max_seq_len} must exceed sliding_window={sliding_window} by >= 16")
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("token_budget", token_budget),
-            ("max_queue", max_queue),
-            ("max_seq_len", max_seq_len),
-        ):
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-        return max_seq_len
-
-    def _decode_mode(self, cuda_graphs: bool | None, static_decode: bool, compile: bool) -> dict:
-        """Eager, static (fixed shapes), CUDA-graphed or compiled decoding, as the device and model allow: not the
-        static step for the sliding ring or dynamic NTK RoPE, whose shapes or tables change from step to step."""
-        rotary = getattr(self.model.model, "rotary_emb", None)
-        static_ok = not (self.ring or getattr(rotary, "rope_type", None) == "dynamic")
-        graphs_ok = self.device.type == "cuda" and static_ok
-        cuda_graphs = graphs_ok if cuda_graphs is None else cuda_graphs
-        if cuda_graphs and not graphs_ok:
-            raise ValueError(
-                "cuda_graphs=True needs the model on a CUDA device, and neither the sliding policy nor dynamic RoPE"
-            )
-        if compile and not static_ok:
-            raise ValueError(
-                "compile=True needs the static decode step, which the sliding policy and dynamic RoPE cannot use"
-            )
-        return dict(cuda_graphs=cuda_graphs, static_decode=static_decode and static_ok, compile=compile)
+    def _make_cache(self) -> SlotKVCache:
+        config = self.config
+        return SlotKVCache(
+            num_layers=config.num_hidden_layers,
+            num_slots=self.max_batch_size,
+            num_kv_heads=config.num_key_value_heads,
+            max_len=self.max_seq_len,
+            head_dim=config.head_dim,
+            vocab_size=config.vocab_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     @classmethod
     def from_pretrained(

@@ -23,7 +23,7 @@ class ModelRunner:
         cache: The slot cache its forwards read and write.
         cuda_graphs: Replay each decode step as a CUDA graph.
         static_decode: Decode with the fixed shapes CUDA graphs need, without capturing them.
-        compile: Compile the static decode step with torch.compile (implies static_decode).
+        compile: Compile the static decode step with torch.compile (needs static_decode).
         decode_steps: Greedy steps per `decode_greedy` call.
     """
 
@@ -33,7 +33,7 @@ class ModelRunner:
         self.sliding_window = getattr(model.config, "sliding_window", None)
         self.slopes = getattr(model.model, "alibi_slopes", None)
         self.dynamic_rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None) == "dynamic"
-        self.cuda_graphs, self.static_decode = cuda_graphs, static_decode or cuda_graphs or compile
+        self.cuda_graphs, self.static_decode = cuda_graphs, static_decode
         self.decode_steps = decode_steps
         self._graphs: dict[tuple, tuple] = {}  # (step, padded batch size) -> (graph, ids, positions, output)
         if compile:

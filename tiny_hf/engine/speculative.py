@@ -58,7 +58,7 @@ class SpeculativeDecoder:
         self.k = num_speculative_tokens
         self.max_seq_len = max_seq_len or target.config.max_position_embeddings
         self.target, self.draft = self._runner(target), self._runner(draft)
-        self.proposed = self.accepted = self.target_forwards = 0
+        self.proposed = self.accepted = self.target_forwards = self.generated = 0  # totals over every call
 
     def _runner(self, model) -> ModelRunner:
         config = model.config
@@ -115,6 +115,7 @@ class SpeculativeDecoder:
                 drafted = len(seq) + min(agreed, k - 1)
             seq += new
             output += new
+            self.generated += len(new)
             stop = next((i for i, t in enumerate(output) if t in stop_token_ids), None)
             if stop is not None:
                 return output[: stop + 1]

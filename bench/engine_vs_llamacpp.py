@@ -41,7 +41,7 @@ import torch
 import tiny_hf
 from tiny_hf import TinyConfig, TinyForCausalLM
 from tiny_hf.engine import Engine, SamplingParams
-from tiny_hf.results import RESULTS_DIR, write_results
+from tiny_hf.results import RESULTS_DIR, spread, write_results
 
 # issue 19's goals: batch-1 decode speed vs llama.cpp (a stock Llama such as SmolLM2 / our own models), and
 # engine tokens/s with every request at once vs llama.cpp serving them one after another
@@ -302,10 +302,6 @@ def batch1_systems(models: Models, llms: dict, args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Measurements
 # ---------------------------------------------------------------------------------------------------------------------
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def ratios(ours: list[float], theirs: list[float]) -> list[float]:
     """Round by round: ours / theirs (the same round, so the machine's drift cancels)."""
     return [a / b for a, b in zip(ours, theirs, strict=True)]

@@ -15,7 +15,6 @@ tokens the target kept, over all questions of all rounds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tiny_hf.engine import Engine, SamplingParams, SpeculativeDecoder, layer_skip_draft
-from tiny_hf.results import RESULTS_DIR, write_results
+from tiny_hf.results import RESULTS_DIR, spread, write_results
 from tiny_hf.runs import resolve_model
 
 QUESTIONS = [
@@ -95,10 +94,6 @@ def run(args) -> dict:
         print(f"round {r + 1}: " + ", ".join(f"{n}: {seconds[n][-1]:.1f} s" for n in systems))
     same = {key: outputs[key] == outputs["target alone"] for key in decoders}  # the last round's, prompt for prompt
     return figures(args, seconds, decoders, same, len(prompts))
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def figures(args, seconds: dict, decoders: dict, same: dict, questions: int) -> dict:

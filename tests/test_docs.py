@@ -68,7 +68,7 @@ TINY_RUNS: dict[str, str] = {
     "rag/search.py": "tests/test_rag.py::test_index_and_search_cli",
     "rag/answer.py": "tests/test_docs.py::test_rag_answer_runs_tiny",
     "bench/rag_bench.py": "tests/test_docs.py::test_rag_bench_runs_tiny",
-    "bench/speculative_bench.py": "tests/test_speculative_bench.py::test_every_draft_and_k_gives_the_targets_tokens_and_a_row",
+    "bench/speculative_bench.py": "tests/test_speculative_bench.py::test_every_draft_and_k_gives_the_targets_tokens",
     "bench/engine_vs_llamacpp.py": (
         "tests/test_engine_vs_llamacpp.py::test_both_models_write_one_results_file_with_every_figure"
     ),

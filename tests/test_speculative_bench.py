@@ -6,7 +6,7 @@ import json
 from tiny_hf.cli import run_module
 
 
-def test_every_draft_and_k_gives_the_targets_tokens_and_a_row(tiny_lm_dir, tmp_path, monkeypatch):
+def test_every_draft_and_k_gives_the_targets_tokens(tiny_lm_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = ["--model", str(tiny_lm_dir), "--draft-layers", "1", "--k", "1,3", "--questions", "2"]
     argv += ["--new-tokens", "6", "--rounds", "1", "--out", str(tmp_path)]

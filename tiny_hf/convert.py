@@ -33,6 +33,33 @@ AUTO_MAP = {
 }
 
 
+# TinyConfig field -> LlamaConfig field, both ways (to_llama, from_llama); the rest is fixed by the Llama shape.
+LLAMA_FIELDS = {
+    **{
+        name: name
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "initializer_range",
+            "attention_bias",
+            "attention_dropout",
+            "mlp_bias",
+            "tie_word_embeddings",
+            "pad_token_id",
+            "bos_token_id",
+            "eos_token_id",
+        )
+    },
+    "norm_eps": "rms_norm_eps",
+}
+
+
 def llama_config(config: TinyConfig) -> LlamaConfig:
     """The `LlamaConfig` of a Llama-shaped `TinyConfig`; a ValueError lists every field that has no Llama match."""
     wanted = {"position_embedding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "block": "pre_norm"}
@@ -45,27 +72,8 @@ def llama_config(config: TinyConfig) -> LlamaConfig:
         problems.append(f"sliding_window={config.sliding_window} (Llama attends to the whole context)")
     if problems:
         raise ValueError("this model is not Llama-shaped: " + "; ".join(problems))
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=config.max_position_embeddings,
-        initializer_range=config.initializer_range,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters=dict(config.rope_parameters),
-        attention_bias=config.attention_bias,
-        attention_dropout=config.attention_dropout,
-        mlp_bias=config.mlp_bias,
-        tie_word_embeddings=config.tie_word_embeddings,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-    )
+    fields = {llama: getattr(config, tiny) for tiny, llama in LLAMA_FIELDS.items()}
+    return LlamaConfig(**fields, hidden_act="silu", rope_parameters=dict(config.rope_parameters))
 
 
 def to_llama(model: PreTrainedModel) -> LlamaForCausalLM:
@@ -96,26 +104,9 @@ def tiny_config_from_llama(config) -> TinyConfig:
         problems.append(f"rope_type={rope.get('rope_type')!r} (tiny_hf has {list(ROPE_TYPES)})")
     if problems:
         raise ValueError("this model cannot become a TinyForCausalLM: " + "; ".join(problems))
-    return TinyConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=rope,
-        sliding_window=getattr(config, "sliding_window", None),
-        attention_bias=getattr(config, "attention_bias", False),
-        mlp_bias=getattr(config, "mlp_bias", False),
-        norm_eps=config.rms_norm_eps,
-        initializer_range=config.initializer_range,
-        tie_word_embeddings=config.tie_word_embeddings,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-    )
+    fields = {tiny: getattr(config, llama) for tiny, llama in LLAMA_FIELDS.items() if hasattr(config, llama)}
+    fields["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return TinyConfig(**fields, rope_parameters=rope, sliding_window=getattr(config, "sliding_window", None))
 
 
 def from_llama(model: PreTrainedModel) -> TinyForCausalLM:

@@ -65,6 +65,11 @@ def write_results(name: str, figures: dict, table_md: str, results_dir: Path = R
     return json_path, md_path
 
 
+def spread(values: list[float]) -> dict:
+    """n, median, min and max of repeated measurements (the rounds of a benchmark)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
 def percentiles(values: list[float]) -> dict:
     """n, median (p50), p99 and max of a sample of timings (p99 by the inclusive method; NaN below 2 values)."""
     if len(values) < 2:

@@ -82,18 +82,18 @@ def test_smollm2_runs_in_the_engine_with_generates_greedy_tokens(fetched):
     llama = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
-    n = 24
-    expected = llama.generate(
-        torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0
-    )[0, len(ids) :].tolist()
-    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    n, stop = MAX_NEW_TOKENS, list(llama.generation_config.eos_token_id)  # the answer ends with <|im_end|>
+    expected = llama.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, repetition_penalty=1.0)
+    expected = expected[0, len(ids) :].tolist()
+    assert expected[-1] in stop and len(expected) < n
+    params = SamplingParams(max_tokens=n, temperature=0, stop_token_ids=stop)
     engine = Engine(llama, tokenizer, max_batch_size=2, max_seq_len=256)
     assert type(engine.model).__name__ == "TinyForCausalLM"
     assert engine.generate([ids], params)[0].token_ids == expected
     multi = Engine(llama, tokenizer, max_batch_size=2, max_seq_len=256, decode_steps=4)
     assert multi.generate([ids], params)[0].token_ids == expected
     draft = layer_skip_draft(engine.model, 10)
-    assert SpeculativeDecoder(engine.model, draft, num_speculative_tokens=4).generate(ids, n) == expected
+    assert SpeculativeDecoder(engine.model, draft, num_speculative_tokens=4).generate(ids, n, stop) == expected
 
 
 @pytest.mark.slow

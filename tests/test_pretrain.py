@@ -321,6 +321,22 @@ def test_muon_takes_only_whole_2d_hidden_matrices():
         build_optimizer(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
 
 
+def test_the_schedule_reaches_both_optimizers_after_a_state_reload():
+    """accelerate.prepare and --resume call load_state_dict, which gives each optimizer new group dicts: the LR
+    scheduler must still set the rates the optimizers step with (a stale list left Muon at warmup's 1/30)."""
+    from training.optimizers import build_optimizer
+
+    model = TinyForCausalLM(tiny_config())
+    optimizer = build_optimizer(model, "muon", lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), muon_lr=0.02)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+    optimizer.load_state_dict(optimizer.state_dict())
+    for _ in range(12):
+        optimizer.step()
+        scheduler.step()
+    used = [group["lr"] for opt in optimizer.optimizers for group in opt.param_groups]
+    assert used == scheduler.get_last_lr() == [0.02, 0.003]
+
+
 def test_embeddings_and_head_get_their_own_learning_rates():
     from training.optimizers import build_optimizer
 

@@ -14,18 +14,28 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 class ChainedOptimizer(torch.optim.Optimizer):
-    """Several optimizers over disjoint parameters, stepped as one: its `param_groups` are theirs (the same dicts),
-    so one LR scheduler, `accelerate.prepare` and a checkpoint see a single optimizer.
+    """Several optimizers over disjoint parameters, stepped as one: its `param_groups` are theirs, read afresh on
+    every access, so one LR scheduler, `accelerate.prepare` and a checkpoint see a single optimizer. (A list kept
+    from construction would go stale: `load_state_dict`, which `accelerate.prepare` and resuming call, gives each
+    optimizer new group dicts, and the scheduler would then set learning rates nobody reads.)
 
     Args:
         optimizers: the optimizers, each over its own parameters.
     """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = list(optimizers)
-        params = [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
+        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        self.optimizers = []  # Optimizer.__init__ checks its groups against ours: none yet
         super().__init__(params, {})
-        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value):  # Optimizer.__init__ assigns its own groups; the optimizers keep theirs
+        pass
 
     @property
     def state(self):

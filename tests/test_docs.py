@@ -551,6 +551,51 @@ def test_ablate_runs_tiny(corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_ablate_with_seeds_reports_the_spread_and_reuses_finished_runs(corpus, tmp_path, monkeypatch):
+    from training import ablate
+
+    # The recipe study's shape (Muon, AdamW, a piece added to Muon), two seeds, two runs at a time in worker processes.
+    study = {"muon": ["--optimizer=muon"], "adamw": [], "+softcap": ["--optimizer=muon", "logit_softcap=15"]}
+    monkeypatch.setitem(ablate.STUDIES, "recipe_like", study)
+    tiny = [*TINY_MODEL, "--vocab-size", "400", "--eval-blocks", "2", "--sample-tokens", "2", "--cpu"]
+    out = tmp_path / "ablate"
+    argv = [
+        *tiny,
+        *(
+            "--studies",
+            "recipe_like",
+            "--seeds",
+            "0,1",
+            "--jobs",
+            "2",
+            "--target-loss",
+            "100",
+            "--name",
+            "recipe_like",
+        ),
+        *("--data", str(corpus), "--max-steps", "2", "--batch-size", "4", "--block-size", "32"),
+        *("--cache-dir", str(tmp_path / "cache"), "--out", str(out)),
+    ]
+    figures = ablate.main(argv)
+    variants = figures["results"]["recipe_like"]
+    assert list(variants) == ["muon", "adamw", "+softcap"] and figures["setup"]["seeds"] == [0, 1]
+    for r in variants.values():
+        assert len(r["val_loss_per_seed"]) == 2 and r["val_bits_per_byte_std"] is not None
+        assert r["steps_to_target_per_seed"] == [1, 1]  # the first evaluation (step 1) is below a loss of 100
+        assert isinstance(r["vs_baseline"]["beyond_noise"], bool)
+    assert variants["muon"]["vs_baseline"]["delta_bits_per_byte"] == 0
+    assert (
+        "Δ bits/byte vs muon" in (out / "recipe_like.md").read_text() and (out / "ablation_recipe_like.png").exists()
+    )
+    finals = sorted(out.glob("recipe_like/*/seed-*/final-rank0.json"))
+    assert len(finals) == 6
+    # Asked again, every run is read back, not trained again.
+    stamps = [f.stat().st_mtime_ns for f in finals]
+    assert ablate.main(argv)["results"] == figures["results"]
+    assert [f.stat().st_mtime_ns for f in finals] == stamps
+
+
+@pytest.mark.slow
 def test_tokenizer_bench_runs_tiny(tmp_path):
     from tiny_hf.corpus import topic_documents
 

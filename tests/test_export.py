@@ -28,7 +28,9 @@ def tokenizer():
 def exported(tmp_path_factory, tokenizer):
     """An exported model folder and what tiny_hf itself computes for PROMPT (ids, logits, greedy text)."""
     torch.manual_seed(0)
-    model = TinyForCausalLM(tiny_config(vocab_size=len(tokenizer), num_key_value_heads=2)).eval()
+    # A soft-capped head (a module of modeling_tiny.py, not nn.Linear) must load from the copied source files too.
+    config = tiny_config(vocab_size=len(tokenizer), num_key_value_heads=2, logit_softcap=5.0)
+    model = TinyForCausalLM(config).eval()
     out = tmp_path_factory.mktemp("exported")
     tiny_hf.export(model, tokenizer, out)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids

@@ -40,6 +40,8 @@ VARIANTS = (
         {"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
         {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
         {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}},
+        {"logit_softcap": 3.0},
+        {"zero_init_output": True, "tie_word_embeddings": False},
         {
             "position_embedding": "learned",
             "norm": "layernorm",
@@ -361,6 +363,42 @@ def test_to_llama_rejects_other_shapes():
         llama_config(tiny_config(norm="layernorm", mlp="gelu"))
     with pytest.raises(ValueError, match="sliding_window=8"):
         llama_config(tiny_config(sliding_window=8))
+    with pytest.raises(ValueError, match="logit_softcap=30.0"):
+        llama_config(tiny_config(logit_softcap=30.0))
+    assert not tiny_config(logit_softcap=30.0).is_llama_shaped
+
+
+def test_logit_softcap_caps_the_heads_logits_smoothly():
+    plain, capped = make_model(), make_model(logit_softcap=2.0)
+    capped.load_state_dict(plain.state_dict())  # same weight names: only the head's forward differs
+    ids = _ids()
+    plain_logits, capped_logits = plain(ids).logits, capped(ids).logits
+    torch.testing.assert_close(capped_logits, 2.0 * torch.tanh(plain_logits / 2.0))
+    assert capped_logits.abs().max() < 2.0
+    # Callers that apply the head themselves (the inference engine) get the capped logits too.
+    hidden = capped.model(ids).last_hidden_state
+    torch.testing.assert_close(capped.lm_head(hidden), capped_logits)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_zero_init_output_zeroes_the_residual_branches_and_an_untied_head(tmp_path, tied):
+    model = make_model(zero_init_output=True, tie_word_embeddings=tied)
+    for layer in model.model.layers:
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+        assert layer.self_attn.q_proj.weight.any() and layer.mlp.up_proj.weight.any()
+    assert model.model.embed_tokens.weight.any()  # the token table (and a tied head) keeps its normal init
+    assert model.lm_head.weight.any() == tied
+    if not tied:  # an all-zero head: every token equally likely at step 0
+        logits = model(_ids()).logits
+        assert not logits.any()
+    # Reloading keeps trained weights: the zero init applies to new models only.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(tmp_path)
+    reloaded = TinyForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids()
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
 
 
 def _gpt2_from_tiny(model: TinyForCausalLM) -> GPT2LMHeadModel:
@@ -478,6 +516,9 @@ def test_presets_build_with_their_advertised_size(name):
         ({"rope_parameters": {"rope_type": "linear", "factor": 0.5}}, r"factor'\]=0.5 must be a number >= 1"),
         ({"sliding_window": 0}, r"sliding_window=0 must be None or a positive integer"),
         ({"attention_dropout": 1.5}, r"attention_dropout=1.5 must be in \[0, 1\)"),
+        ({"logit_softcap": 0}, r"logit_softcap=0 must be None or a positive number"),
+        ({"logit_softcap": "30"}, r"logit_softcap='30' must be None or a positive number"),
+        ({"zero_init_output": "yes"}, r"zero_init_output='yes' must be true or false"),
     ],
 )
 def test_bad_configs_name_the_field_the_value_and_the_choices(kwargs, message):

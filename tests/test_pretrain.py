@@ -321,6 +321,40 @@ def test_muon_takes_only_whole_2d_hidden_matrices():
         build_optimizer(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
 
 
+def test_the_schedule_reaches_both_optimizers_after_a_state_reload():
+    """accelerate.prepare and --resume call load_state_dict, which gives each optimizer new group dicts: the LR
+    scheduler must still set the rates the optimizers step with (a stale list left Muon at warmup's 1/30)."""
+    from training.optimizers import build_optimizer
+
+    model = TinyForCausalLM(tiny_config())
+    optimizer = build_optimizer(model, "muon", lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), muon_lr=0.02)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+    optimizer.load_state_dict(optimizer.state_dict())
+    for _ in range(12):
+        optimizer.step()
+        scheduler.step()
+    used = [group["lr"] for opt in optimizer.optimizers for group in opt.param_groups]
+    assert used == scheduler.get_last_lr() == [0.02, 0.003]
+
+
+def test_embeddings_and_head_get_their_own_learning_rates():
+    from training.optimizers import build_optimizer
+
+    model = TinyForCausalLM(tiny_config(tie_word_embeddings=False))
+    embedding, head = model.model.embed_tokens.weight, model.lm_head.weight
+    for name in ("adamw", "muon"):
+        optimizer = build_optimizer(
+            model, name, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), embedding_lr=0.1, head_lr=0.005
+        )
+        lr_of = {
+            id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]
+        }
+        assert lr_of[id(embedding)] == (0.1, 0.0) and lr_of[id(head)] == (0.005, 0.1)
+        assert lr_of[id(model.model.norm.weight)] == (1e-3, 0.0)
+    # Unset, the groups are the ones before these options existed (checkpoints of older runs still load).
+    assert len(build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95)).param_groups) == 2
+
+
 # --- bad input: a clear error before any training --------------------------------------------------------------
 def test_missing_data_fails_early(workspace, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="no_such"):

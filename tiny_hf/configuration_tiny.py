@@ -107,6 +107,10 @@ class TinyConfig(PretrainedConfig):
         hidden_dropout: Dropout on the embeddings and on each residual branch (training only).
         initializer_range: Standard deviation of the normal initialisation of matrices and embeddings.
         tie_word_embeddings: Share the input embedding matrix with the LM head (Press & Wolf 2017).
+        logit_softcap: If set, the LM head's logits are `c * tanh(logits / c)` for this c (Gemma 2, Gemma Team 2024;
+            modded-nanogpt uses 30 then 15): bounded logits keep early training from overconfident spikes.
+        zero_init_output: Initialise every residual branch's output projection (`o_proj`, `down_proj`) at zero, and
+            an untied `lm_head` too (modded-nanogpt, after ReZero/Fixup): each block starts as the identity.
         use_cache: Whether forward returns a KV cache by default.
         pad_token_id, bos_token_id, eos_token_id: Special token ids, matching the tokenizer.
     """
@@ -138,6 +142,8 @@ class TinyConfig(PretrainedConfig):
         hidden_dropout: float = 0.0,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
+        logit_softcap: float | None = None,
+        zero_init_output: bool = False,
         use_cache: bool = True,
         pad_token_id: int | None = 2,
         bos_token_id: int | None = 1,
@@ -170,6 +176,8 @@ class TinyConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         # transformers 5 no longer declares these on the base config: without them weights are silently untied.
         self.tie_word_embeddings = tie_word_embeddings
+        self.logit_softcap = logit_softcap
+        self.zero_init_output = zero_init_output
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -227,6 +235,14 @@ class TinyConfig(PretrainedConfig):
             value = getattr(self, field)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{field}={value!r} must be in [0, 1)")
+        if self.logit_softcap is not None and (
+            isinstance(self.logit_softcap, bool)
+            or not isinstance(self.logit_softcap, (int, float))
+            or self.logit_softcap <= 0
+        ):
+            raise ValueError(f"logit_softcap={self.logit_softcap!r} must be None or a positive number")
+        if not isinstance(self.zero_init_output, bool):
+            raise ValueError(f"zero_init_output={self.zero_init_output!r} must be true or false")
         rope = rope_parameters if rope_parameters is not None else (self.rope_parameters or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
@@ -260,4 +276,5 @@ class TinyConfig(PretrainedConfig):
             and self.block == "pre_norm"
             and not self.qk_norm
             and self.sliding_window is None
+            and self.logit_softcap is None
         )

@@ -2,9 +2,9 @@
 runs Llama-family checkpoints such as SmolLM2), and a self-contained remote-code folder.
 
 `to_llama` is lossless for the Llama-shaped configuration (rmsnorm, rope, swiglu, pre_norm, no q/k norm, no
-sliding window), because the state dict is key for key Llama's. `export` writes weights, config, tokenizer and
-the model's source files, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works where
-tiny_hf is not installed (a Hub repo pushed from that folder too).
+sliding window, no logit soft-cap), because the state dict is key for key Llama's. `export` writes weights, config,
+tokenizer and the model's source files, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works
+where tiny_hf is not installed (a Hub repo pushed from that folder too).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def llama_config(config: TinyConfig) -> LlamaConfig:
         problems.append("qk_norm=True (Llama has no q/k norm)")
     if config.sliding_window is not None:
         problems.append(f"sliding_window={config.sliding_window} (Llama attends to the whole context)")
+    if config.logit_softcap is not None:
+        problems.append(f"logit_softcap={config.logit_softcap} (Llama's logits are not soft-capped)")
     if problems:
         raise ValueError("this model is not Llama-shaped: " + "; ".join(problems))
     fields = {llama: getattr(config, tiny) for tiny, llama in LLAMA_FIELDS.items()}

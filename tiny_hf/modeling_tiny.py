@@ -230,6 +230,13 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # MLPs
 # ---------------------------------------------------------------------------------------------------------------------
+def mark_zero_init(config: TinyConfig, linear: nn.Linear) -> nn.Linear:
+    """Mark a residual branch's output projection to start at zero when `config.zero_init_output` (modded-nanogpt):
+    the block then begins as the identity. `_init_weights` reads the mark; weights loaded from a checkpoint stay."""
+    linear.zero_init = config.zero_init_output
+    return linear
+
+
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """ReLU(x)^2 (So et al. 2021, "Primer"): as cheap as ReLU, trains like GELU or better."""
     return F.relu(x).square()
@@ -264,7 +271,9 @@ class TinyMLP(nn.Module):
         if self.gated:
             self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = mark_zero_init(
+            config, nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -431,7 +440,9 @@ class TinyAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = mark_zero_init(
+            config, nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        )
         if config.qk_norm:
             self.q_norm = NORMS[config.norm](self.head_dim, eps=config.norm_eps)
             self.k_norm = NORMS[config.norm](self.head_dim, eps=config.norm_eps)
@@ -536,6 +547,33 @@ BLOCKS: dict[str, type[TinyBlock]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# LM head
+# ---------------------------------------------------------------------------------------------------------------------
+class TinySoftcapHead(nn.Linear):
+    """An LM head whose logits are soft-capped, `cap * tanh(logits / cap)` (Gemma 2, Gemma Team 2024; modded-nanogpt):
+    smooth, so small logits are unchanged and none exceeds `cap`. Capping inside the head keeps the weight name
+    `lm_head.weight` and gives every caller of `lm_head` (generate, the inference engine) the same logits."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(super().forward(x) / self.cap)
+
+
+def lm_head(config: TinyConfig) -> nn.Linear:
+    """The head from hidden states to vocabulary logits: plain, or soft-capped when `config.logit_softcap` is set.
+    With `zero_init_output` an untied head starts at zero; a tied one is the embedding table, which must not."""
+    if config.logit_softcap is None:
+        head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    else:
+        head = TinySoftcapHead(config.hidden_size, config.vocab_size, config.logit_softcap)
+    head.zero_init = config.zero_init_output and not config.tie_word_embeddings
+    return head
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
 class TinyPreTrainedModel(PreTrainedModel):
@@ -552,12 +590,16 @@ class TinyPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The one place weights are initialised: N(0, initializer_range) matrices and embeddings, zero biases, unit
-        norms. Non-persistent buffers (RoPE frequencies, sinusoid table, ALiBi slopes) are recomputed here because
-        `from_pretrained` builds the model on the meta device and they are not in the checkpoint. transformers'
-        `init` functions skip tensors that were loaded from a checkpoint."""
+        norms; with `zero_init_output`, zero output projections and untied head. Non-persistent buffers (RoPE
+        frequencies, sinusoid table, ALiBi slopes) are recomputed here because `from_pretrained` builds the model on
+        the meta device and they are not in the checkpoint. transformers' `init` functions skip tensors that were
+        loaded from a checkpoint."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "zero_init", False):  # marked by `mark_zero_init` (config.zero_init_output)
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding | TinyLearnedPositionEmbedding):
@@ -753,7 +795,7 @@ class TinyForCausalLM(TinyPreTrainedModel, GenerationMixin):
     def __init__(self, config: TinyConfig):
         super().__init__(config)
         self.model = TinyModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = lm_head(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -14,18 +14,28 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 class ChainedOptimizer(torch.optim.Optimizer):
-    """Several optimizers over disjoint parameters, stepped as one: its `param_groups` are theirs (the same dicts),
-    so one LR scheduler, `accelerate.prepare` and a checkpoint see a single optimizer.
+    """Several optimizers over disjoint parameters, stepped as one: its `param_groups` are theirs, read afresh on
+    every access, so one LR scheduler, `accelerate.prepare` and a checkpoint see a single optimizer. (A list kept
+    from construction would go stale: `load_state_dict`, which `accelerate.prepare` and resuming call, gives each
+    optimizer new group dicts, and the scheduler would then set learning rates nobody reads.)
 
     Args:
         optimizers: the optimizers, each over its own parameters.
     """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = list(optimizers)
-        params = [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
+        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        self.optimizers = []  # Optimizer.__init__ checks its groups against ours: none yet
         super().__init__(params, {})
-        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value):  # Optimizer.__init__ assigns its own groups; the optimizers keep theirs
+        pass
 
     @property
     def state(self):
@@ -88,22 +98,31 @@ def build_optimizer(
     betas: tuple[float, float],
     muon_lr: float = 0.02,
     muon_momentum: float = 0.95,
+    embedding_lr: float | None = None,
+    head_lr: float | None = None,
     sharded: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW with weight decay on weight matrices only (decaying norms, biases and embeddings pulls them toward zero
     for no benefit: GPT-2/nanoGPT practice), or Muon at `muon_lr` on the hidden matrices (decayed too) chained with
-    that AdamW at `lr` on the rest. A hidden parameter Muon cannot take is an error naming it: one that is not 2-D,
+    that AdamW at `lr` on the rest. `embedding_lr` and `head_lr` give the embeddings and an untied head their own
+    AdamW learning rate (modded-nanogpt's split: embeddings far higher, the head lower); None keeps `lr`.
+    A hidden parameter Muon cannot take is an error naming it: one that is not 2-D,
     or any matrix when `sharded` (FSDP): Muon on a shard orthogonalizes the shard, not the matrix, and runs silently
     to different weights (checked with torch 2.13's fully_shard on 2 processes)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r} is not one of {list(OPTIMIZERS)}")
     roles = parameter_roles(model)
 
+    own_lr = {role: value for role, value in (("embedding", embedding_lr), ("head", head_lr)) if value is not None}
+
     def adamw(decayed: tuple[str, ...]) -> torch.optim.AdamW:
-        groups = [
-            {"params": [p for _, p, role in roles if role in decayed], "weight_decay": weight_decay},
-            {"params": [p for _, p, role in roles if role in ("embedding", "vector")], "weight_decay": 0.0},
-        ]
+        groups = []
+        for group_roles, decay in ((decayed, weight_decay), (("embedding", "vector"), 0.0)):
+            shared = [p for _, p, role in roles if role in group_roles and role not in own_lr]
+            groups.append({"params": shared, "weight_decay": decay})
+            for role in (r for r in group_roles if r in own_lr):  # a role with its own rate: a group of its own
+                params = [p for _, p, r in roles if r == role]
+                groups.append({"params": params, "weight_decay": decay, "lr": own_lr[role]})
         groups = [group for group in groups if group["params"]]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
 

@@ -104,6 +104,8 @@ class PretrainOptions:
     lr: float = field(default=3e-3, metadata={"help": "AdamW's learning rate (with muon: embeddings, head, norms)"})
     muon_lr: float | None = field(default=None, metadata={"help": "muon: the hidden matrices' learning rate (0.02)"})
     muon_momentum: float | None = field(default=None, metadata={"help": "muon: momentum (0.95)"})
+    embedding_lr: float | None = field(default=None, metadata={"help": "AdamW's rate for embeddings (default: --lr)"})
+    head_lr: float | None = field(default=None, metadata={"help": "AdamW's rate for an untied head (default: --lr)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of --lr"})
     schedule: str = field(default="cosine", metadata={"choices": ["cosine", "wsd", "constant"]})
     warmup_steps: int = 30
@@ -242,6 +244,8 @@ def make_optimizer(model: torch.nn.Module, options: PretrainOptions, sharded: bo
         lr=options.lr,
         weight_decay=options.weight_decay,
         betas=(options.beta1, options.beta2),
+        embedding_lr=options.embedding_lr,
+        head_lr=options.head_lr,
         sharded=sharded,
         **muon,
     )

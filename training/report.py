@@ -43,6 +43,8 @@ SUMMARY_CONFIG_KEYS = (
     "block",
     "sliding_window",
     "tie_word_embeddings",
+    "logit_softcap",
+    "zero_init_output",
     "attn_implementation",
 )
 

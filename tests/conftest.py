@@ -55,6 +55,22 @@ def tiny_config(**overrides):
     return TinyConfig(**{**fields, **overrides})
 
 
+def random_llama(**overrides):
+    """A random transformers LlamaForCausalLM of the tester's size (vocab 99, hidden 32, 2 layers, 4 heads), in eval
+    mode; overrides win."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
+
+
 def tensorboard_scalars(folder: Path, tag: str) -> dict[int, float]:
     """step -> value of the scalar `tag` in the TensorBoard event files of `folder`, read with TensorBoard's own
     reader (which hides the events a resumed run purged)."""

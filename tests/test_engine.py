@@ -6,8 +6,8 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_config
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from conftest import random_llama, tiny_config
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -87,18 +87,7 @@ def test_greedy_equals_generate_with_batching_chunks_and_prefix_cache(variant):
 def test_llama_family_models_run_in_the_engine_with_generates_tokens():
     """A stock LlamaForCausalLM (GQA, tied head) is served through from_llama: greedy tokens equal its generate()."""
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=99,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-    ).eval()
+    llama = random_llama(num_key_value_heads=2, tie_word_embeddings=True)
     with torch.no_grad():
         llama.model.embed_tokens.weight.normal_(0, 1)
     engine = Engine(llama, max_batch_size=3, token_budget=7)

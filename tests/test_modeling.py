@@ -3,7 +3,7 @@ equivalence with transformers' own Llama and GPT-2 on copied weights."""
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import random_llama, tiny_config
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -11,8 +11,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -297,11 +295,6 @@ def test_llama_equivalence_with_scaled_rope(rope):
     torch.testing.assert_close(llama(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
 
 
-def _random_llama(**overrides) -> LlamaForCausalLM:
-    fields = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    return LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).eval()
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -316,7 +309,7 @@ def _random_llama(**overrides) -> LlamaForCausalLM:
     ids=["gqa-tied", "mqa-untied-linear-rope", "biases-head-dim"],
 )
 def test_from_llama_gives_the_same_logits_and_shares_the_weights(overrides):
-    llama = _random_llama(**overrides)
+    llama = random_llama(**overrides)
     model = tiny_hf.from_llama(llama)
     assert isinstance(model, TinyForCausalLM)
     assert model.config.tie_word_embeddings == llama.config.tie_word_embeddings
@@ -339,10 +332,10 @@ def test_from_llama_gives_the_same_logits_and_shares_the_weights(overrides):
 
 def test_from_llama_refuses_what_it_cannot_map():
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        tiny_hf.from_llama(_random_llama(hidden_act="gelu"))
+        tiny_hf.from_llama(random_llama(hidden_act="gelu"))
     with pytest.raises(ValueError, match="rope_type='llama3'"):
         tiny_hf.from_llama(
-            _random_llama(
+            random_llama(
                 rope_parameters={
                     "rope_type": "llama3",
                     "factor": 8.0,

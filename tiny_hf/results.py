@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
+import random
 import re
 import statistics
 from pathlib import Path
@@ -76,3 +78,43 @@ def percentiles(values: list[float]) -> dict:
         return {"n": len(values), "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
     q = statistics.quantiles(values, n=100, method="inclusive")
     return {"n": len(values), "p50": statistics.median(values), "p99": q[98], "max": max(values)}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> dict:
+    """A rate with its 95% Wilson score interval (Wilson 1927): unlike the normal approximation it stays inside
+    [0, 1] and is honest at 0% or 100% on small n, which is where small models' exact-match rates live."""
+    if n < 1:
+        raise ValueError(f"a rate needs at least one trial; got n={n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes={successes} is not between 0 and n={n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"n": n, "rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
+
+
+def bootstrap_interval(values: list[float], rounds: int = 2000, seed: int = 0) -> dict:
+    """The mean of per-example scores with a 95% percentile-bootstrap interval (Efron 1979): resample the examples
+    with replacement `rounds` times, take the 2.5th and 97.5th percentiles of the means. Deterministic by `seed`."""
+    if not values:
+        raise ValueError("a mean needs at least one value; got none")
+    if any(math.isnan(v) for v in values):
+        raise ValueError("the scores contain NaN; a mean with an interval needs finite scores")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(rounds))
+    return {"n": n, "mean": sum(values) / n, "low": means[int(0.025 * rounds)], "high": means[int(0.975 * rounds) - 1]}
+
+
+def beyond_noise(a: dict, b: dict) -> bool:
+    """True when two 95% intervals ({"low", "high"}) do not overlap: a conservative test that the difference is
+    real (non-overlap implies p < 0.05; overlap does not prove the opposite, so the tables say "within noise")."""
+    return a["high"] < b["low"] or b["high"] < a["low"]
+
+
+def interval_cell(figure: dict, percent: bool = False) -> str:
+    """`0.42 (0.37–0.47)`, or `42.0% (37.1–47.0)` for a rate: the one way tables print a value with its interval."""
+    value = figure["rate"] if "rate" in figure else figure["mean"]
+    if percent:
+        return f"{100 * value:.1f}% ({100 * figure['low']:.1f}–{100 * figure['high']:.1f})"
+    return f"{value:.3f} ({figure['low']:.3f}–{figure['high']:.3f})"

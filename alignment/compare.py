@@ -88,8 +88,8 @@ class CompareOptions:
 
     def __post_init__(self):
         # argparse gives one list per `--policy` (it takes one or more values each); a --config file, strings
-        self.policy = _flatten(self.policy)
-        self.trajectory = _flatten(self.trajectory)
+        self.policy = flatten_flags(self.policy)
+        self.trajectory = flatten_flags(self.trajectory)
 
     @property
     def policies(self) -> list[tuple[str, str, str]]:
@@ -100,7 +100,8 @@ class CompareOptions:
         return [parse_named(spec, "--trajectory") for spec in self.trajectory]
 
 
-def _flatten(values: list) -> list[str]:
+def flatten_flags(values: list) -> list[str]:
+    """A repeatable flag's values as one list: argparse gives a list per use, a --config file plain strings."""
     return [v for group in values for v in ([group] if isinstance(group, str) else group)]
 
 

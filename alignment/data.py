@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import random
 import re
 import sysconfig
 import tokenize
@@ -213,11 +214,17 @@ def embedded_chat_dataset(
 
 
 def load_chat_dataset(spec: str, val_fraction: float = 0.05, max_examples: int | None = None) -> datasets.DatasetDict:
-    """`embedded` (the docstring Q&A), a local .json/.jsonl file or folder, or a Hub dataset name; rows must have
+    """`embedded` (the docstring Q&A), `arithmetic[:kinds]` (`arithmetic_dataset`), a local .json/.jsonl file or
+    folder, or a Hub dataset name; rows must have
     `messages` (or `prompt` + `completion`, TRL's prompt-completion format). A source without a held-out
     split (validation or test) is split by `val_fraction`."""
     if spec == "embedded":
         return embedded_chat_dataset(val_fraction, max_examples)
+    if spec.partition(":")[0] == "arithmetic":
+        return arithmetic_dataset(spec, train_size=max_examples or 20_000).map(
+            lambda row: {"module": row["answer"], "task": "verifiable", "messages": row["prompt"] + row["completion"]},
+            remove_columns=["prompt", "completion", "answer"],
+        )
     loaded = _load_files_or_hub(spec)
     columns = set(loaded[next(iter(loaded))].column_names)
     if "messages" not in columns and not {"prompt", "completion"} <= columns:
@@ -331,9 +338,10 @@ def verifiable_dataset(
 
 def extract_answer(text: str) -> str | None:
     """The first integer or dotted Python name in a response: "`json`" -> "json", "json.decoder, I think" ->
-    "json.decoder", "42." -> "42"."""
-    match = re.search(r"-?\d+|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*", text.replace("`", " "))
-    return match.group(0).rstrip(".") if match else None
+    "json.decoder", "42." -> "42", and a number in spaced digits (`spell_digits`) read whole: "9 3 6" -> "936"."""
+    pattern = r"-?(?:\d(?: \d)+|\d+)|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+    match = re.search(pattern, text.replace("`", " "))
+    return match.group(0).rstrip(".").replace(" ", "") if match else None
 
 
 def exact_match_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
@@ -405,3 +413,92 @@ def load_preference_dataset(
             )
         splits[split] = datasets.Dataset.from_list(fixed)
     return train_and_held_out(splits, val_fraction, max_examples)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arithmetic: a verifiable skill a 3M-parameter model can partly learn in CPU minutes
+# ---------------------------------------------------------------------------------------------------------------------
+# Each kind: (question template, answer of (a, b)). Subtraction takes the larger number first, so every answer is a
+# non-negative integer; comparison answers with the larger number.
+ARITHMETIC_KINDS: dict[str, tuple[str, Callable[[int, int], int]]] = {
+    "add": ("What is {a} + {b}?", lambda a, b: a + b),
+    "sub": ("What is {a} - {b}?", lambda a, b: a - b),
+    "cmp": ("Which is larger, {a} or {b}?", max),
+}
+
+
+def spell_digits(n: int) -> str:
+    """`347` -> `"3 4 7"`: one digit per token. The BPE vocabulary merges digits unevenly ("347" is "3", "47"; "936"
+    is "9", "36"), so a model would have to learn each merged token's digits before it could add; spaced digits give
+    one token each, the formatting small transformers learn arithmetic from (Lee et al. 2023, "Teaching Arithmetic
+    to Small Transformers"; Llama's tokenizer splits digits for the same reason)."""
+    return " ".join(str(n))
+
+
+def parse_task_spec(spec: str) -> tuple[str, list[str]]:
+    """`"arithmetic"` or `"arithmetic:add,cmp"` -> ("arithmetic", kinds). An unknown or empty kind raises a
+    ValueError naming the allowed ones, before anything loads."""
+    name, colon, rest = spec.partition(":")
+    kinds = [k.strip() for k in rest.split(",")] if colon else list(ARITHMETIC_KINDS)
+    for kind in kinds:
+        if kind not in ARITHMETIC_KINDS:
+            raise ValueError(f"task {spec!r}: kind {kind!r} is not one of {list(ARITHMETIC_KINDS)}")
+    return name, kinds
+
+
+def arithmetic_dataset(
+    spec: str = "arithmetic",
+    max_value: int = 99,
+    train_size: int = 20_000,
+    held_out_size: int | None = None,
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """Arithmetic questions in TRL's prompt-completion format (`prompt`, `completion`, `answer` for
+    `exact_match_reward`, `kind`, `id`): "What is 3 4 7 + 5 8 9?" -> "9 3 6", operands 0..`max_value`, kinds from
+    `spec` in turn. Train and held-out questions never share an (a, b, kind): held out by a hash of the question, so
+    the split does not depend on the sizes. Deterministic by `seed`.
+
+    Args:
+        spec: "arithmetic" (every kind of ARITHMETIC_KINDS) or "arithmetic:add,sub".
+        max_value: The largest operand.
+        train_size: Training questions, capped at what the operands allow.
+        held_out_size: Held-out questions (default 1,000, or what the operands allow).
+    """
+    _, kinds = parse_task_spec(spec)
+    pairs = (max_value + 1) ** 2 * len(kinds)
+    held_out_size = min(1_000, pairs // 30) if held_out_size is None else held_out_size
+    if train_size < 1 or held_out_size < 1:
+        raise ValueError(f"train_size={train_size} and held_out_size={held_out_size} must both be >= 1")
+    # About a tenth of all (kind, a, b) is held out by the hash; draw at most a third of each share, so that
+    # sampling without repeats stays quick (subtraction's ordered pairs are only half of them).
+    if held_out_size > pairs // 30:
+        raise ValueError(
+            f"held_out_size={held_out_size} is over {pairs // 30} for operands up to {max_value}; raise max_value"
+        )
+    train_size = min(train_size, pairs * 9 // 30)
+    rng = random.Random(seed)
+    rows: dict[str, list[dict]] = {"train": [], "validation": []}
+    wanted = {"train": train_size, "validation": held_out_size}
+    seen: set[str] = set()
+    while len(rows["train"]) < train_size or len(rows["validation"]) < held_out_size:
+        kind = kinds[len(seen) % len(kinds)]
+        a, b = rng.randint(0, max_value), rng.randint(0, max_value)
+        if kind == "sub":
+            a, b = max(a, b), min(a, b)
+        id_ = f"{kind}/{a}/{b}"
+        split = held_out_split("arithmetic/" + id_, 0.1)
+        if id_ in seen or len(rows[split]) >= wanted[split]:
+            continue
+        seen.add(id_)
+        template, compute = ARITHMETIC_KINDS[kind]
+        answer = compute(a, b)
+        rows[split].append(
+            {
+                "id": id_,
+                "kind": kind,
+                "answer": str(answer),
+                "prompt": [{"role": "user", "content": template.format(a=spell_digits(a), b=spell_digits(b))}],
+                "completion": [{"role": "assistant", "content": spell_digits(answer)}],
+            }
+        )
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})

@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import tiny_hf
 from alignment import check_at_least_one, lora_config, place_trainer_output, trl_defaults, write_summary
 from alignment.data import (
+    arithmetic_dataset,
     exact_match_reward,
     partial_credit_reward,
     preference_dataset,
@@ -99,8 +100,9 @@ class GRPOOptions:
     data: str = field(
         default="embedded",
         metadata={
-            "help": "embedded (the verifiable questions), docs (the preference task's prompts, for "
-            "--reward-model), or .json/.jsonl with 'prompt' and 'answer'"
+            "help": "embedded (the verifiable questions), arithmetic[:add,sub,cmp] (alignment.data."
+            "arithmetic_dataset), docs (the preference task's prompts, for --reward-model), or .json/.jsonl with "
+            "'prompt' and 'answer'"
         },
     )
     max_examples: int | None = field(default=None, metadata={"help": "train on a fixed subset (quick runs)"})
@@ -171,10 +173,13 @@ def check_args(options: GRPOOptions, config) -> None:
 
 
 def load_verifiable(spec: str, max_examples: int | None) -> datasets.DatasetDict:
-    """The verifiable questions (`embedded`), the docs prompts (`docs`, answer = the true summary) or a local file of
-    `prompt` + `answer` rows (the column `exact_match` checks); returned with `prompt` and `answer` only."""
+    """The verifiable questions (`embedded`), the arithmetic questions (`arithmetic[:kinds]`), the docs prompts
+    (`docs`, answer = the true summary) or a local file of `prompt` + `answer` rows (the column `exact_match`
+    checks); returned with `prompt` and `answer` only."""
     if spec == "embedded":
         data = verifiable_dataset(max_examples=max_examples)
+    elif spec.partition(":")[0] == "arithmetic":
+        data = arithmetic_dataset(spec, train_size=max_examples or 20_000)
     elif spec == "docs":  # the preference task's prompts; `answer` = the true summary (for a reward model to judge)
         pairs = preference_dataset(max_examples=max_examples)
         data = pairs.map(lambda row: {"answer": row["chosen"][-1]["content"]})

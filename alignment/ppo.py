@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_hf  # registers the Auto classes
 from alignment import lora_config
-from alignment.data import exact_match_reward, partial_credit_reward
+from alignment.data import exact_match_reward, parse_task_spec, partial_credit_reward
 from alignment.rl import (
     KL_ESTIMATORS,
     VALUE_HEAD_FILE,
@@ -89,7 +89,7 @@ from training.model_card import stage_facts, write_model_card
 from training.run_log import RunLog, read_metrics, write_run_config
 from training.trackers import check_report_to
 
-TASKS = ("verifiable", "docs")
+TASKS = ("verifiable", "arithmetic", "docs")  # arithmetic also as "arithmetic:add,sub" (alignment.data)
 # Reward functions by name, TRL's signature: fn(prompts=..., completions=..., completion_ids=..., **columns) -> floats.
 # `--reward-fn` also takes "package.module:function".
 REWARD_FUNCTIONS: dict[str, Callable] = {"exact_match": exact_match_reward, "partial_credit": partial_credit_reward}
@@ -186,7 +186,9 @@ def check_options(options: PPOOptions) -> None:
     check_report_to(options.report_to)
     for spec in options.reward_fn:
         load_reward_fn(spec)
-    if options.task not in TASKS and not Path(options.task).is_file():
+    if options.task.partition(":")[0] == "arithmetic":
+        parse_task_spec(options.task)
+    elif options.task not in TASKS and not Path(options.task).is_file():
         raise ValueError(f"--task {options.task!r} is not one of {list(TASKS)} nor an existing prompt .jsonl file")
 
 
@@ -235,6 +237,10 @@ def load_prompts(task: str, max_examples: int | None, stdlib_dir: str | None = N
         from alignment.data import verifiable_dataset
 
         rows = list(verifiable_dataset(max_examples=max_examples, stdlib_dir=stdlib_dir)["train"])
+    elif task.partition(":")[0] == "arithmetic":
+        from alignment.data import arithmetic_dataset
+
+        rows = list(arithmetic_dataset(task, train_size=max_examples or 20_000)["train"])
     elif task == "docs":
         from alignment.data import preference_dataset
 

@@ -5,12 +5,15 @@ task with its exact-match reward."""
 import pytest
 
 from alignment.data import (
+    ARITHMETIC_KINDS,
     MODULE_QUESTION,
     REJECTION_KINDS,
+    arithmetic_dataset,
     docstring_pairs,
     exact_match_reward,
     extract_answer,
     instruction_dataset,
+    load_chat_dataset,
     partial_credit_reward,
     preference_dataset,
     verifiable_dataset,
@@ -68,6 +71,8 @@ def test_verifiable_questions_have_one_right_answer(small_stdlib):
         ("", None),
         ("42.", "42"),
         ("-3 apples", "-3"),
+        ("1 2 5 8", "1258"),
+        ("12 13", "12"),
     ],
 )
 def test_extract_answer_takes_the_first_name_or_number(text, module):
@@ -103,3 +108,40 @@ def test_sft_data_mixes_docs_and_the_verifiable_answer_format(small_stdlib):
     assert sorted(r["id"] for r in ds["validation"] if r["task"] == "verifiable") == sorted(
         verifiable["validation"]["id"]
     )
+
+
+def test_arithmetic_questions_are_right_deterministic_and_held_out_by_question():
+    ds = arithmetic_dataset(train_size=600, held_out_size=300)
+    assert len(ds["train"]) == 600 and len(ds["validation"]) == 300
+    assert ds["train"]["id"] == arithmetic_dataset(train_size=600, held_out_size=300)["train"]["id"]
+    assert not set(ds["train"]["id"]) & set(ds["validation"]["id"])
+    assert set(ds["validation"]["kind"]) == set(ARITHMETIC_KINDS)
+    for row in ds["train"]:
+        kind, a, b = row["id"].split("/")
+        assert int(row["answer"]) == ARITHMETIC_KINDS[kind][1](int(a), int(b)) >= 0
+        # spaced digits in the question and the answer; the reward reads the answer back whole
+        assert " ".join(a) in row["prompt"][0]["content"] and " ".join(b) in row["prompt"][0]["content"]
+        assert exact_match_reward([row["completion"]], [row["answer"]]) == [1.0]
+
+
+def test_arithmetic_task_spec_picks_kinds_and_feeds_sft():
+    ds = arithmetic_dataset("arithmetic:cmp", train_size=50, held_out_size=20)
+    assert set(ds["train"]["kind"]) == {"cmp"}
+    chats = load_chat_dataset("arithmetic:add,sub", max_examples=40)
+    row = chats["train"][0]
+    assert row["task"] == "verifiable" and [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert row["module"] == str(int(row["messages"][1]["content"].replace(" ", "")))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: arithmetic_dataset("arithmetic:add,mul"), r"kind 'mul' is not one of \['add', 'sub', 'cmp'\]"),
+        (lambda: arithmetic_dataset("arithmetic:"), "kind '' is not one of"),
+        (lambda: arithmetic_dataset(held_out_size=0), "held_out_size=0 must both be >= 1"),
+        (lambda: arithmetic_dataset(max_value=9, held_out_size=100), "held_out_size=100 is over 10 .*raise max_value"),
+    ],
+)
+def test_bad_arithmetic_specs_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

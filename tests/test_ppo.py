@@ -3,6 +3,7 @@ adapter-disabled base as the reference (also through the engine), resume reprodu
 models with another vocabulary are scored on re-tokenized text, and bad input fails before anything trains."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -385,6 +386,15 @@ def test_rollouts_without_tokens_fail_before_any_update(tiny_lm_dir, prompts, tm
     )
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="produced no tokens"):
+        ppo.main(ppo_args(tiny_lm_dir, prompts, out))
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()
+    assert read_metrics(out) == []
+
+
+def test_a_nan_reward_fails_before_any_update(tiny_lm_dir, prompts, tmp_path, monkeypatch):
+    monkeypatch.setitem(ppo.REWARD_FUNCTIONS, "even", lambda completion_ids, **kw: [math.nan] * len(completion_ids))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="returned .*nan.*expected 16 finite numbers"):
         ppo.main(ppo_args(tiny_lm_dir, prompts, out))
     assert not (out / "checkpoints").exists() and not (out / "model").exists()
     assert read_metrics(out) == []

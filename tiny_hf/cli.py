@@ -68,6 +68,7 @@ BENCHMARKS: dict[str, str] = {
     "server-soak": "bench.server_soak",
     "speculative": "bench.speculative_bench",
     "engine-vs-llamacpp": "bench.engine_vs_llamacpp",
+    "arithmetic-rl": "bench.arithmetic_rl",
 }
 
 

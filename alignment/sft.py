@@ -234,8 +234,7 @@ def summary_markdown(figures: dict) -> str:
         *(
             [
                 "",
-                'Verifiable task ("Which module defines `X`?" and "What is 17 + 25?", '
-                f"{figures['verifiable_held_out']} held-out questions), "
+                f"Verifiable questions of `{figures['data']}` ({figures['verifiable_held_out']} held-out), "
                 f"greedy exact match: {figures['exact_match_before']:.1%} before, {figures['exact_match_after']:.1%} "
                 "after.",
             ]

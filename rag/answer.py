@@ -16,7 +16,8 @@ the answer that names one of them).
 
 `measure_answers` compares answer quality with and without retrieval on held-out questions (rag.evaluate's query
 set: the reference is the qualified name for a docstring question, the sentence for a topic one), by exact match
-and ROUGE-L from the local evaluate metric tiny_hf/metrics/rouge_l.py.
+and ROUGE-L from the local evaluate metric tiny_hf/metrics/rouge_l.py, and per question (for intervals): ROUGE-L F1
+and whether the answer names the documented object (`names_the_object`).
 
 CLI: `tiny-hf ask --index DIR --model runs/demo "How do I serialize an object to JSON?"`;
 `tiny-hf ask --index DIR --model runs/demo --measure 20` for the with/without comparison.
@@ -304,7 +305,9 @@ def measure_answers(
 
     Returns:
         {"with_retrieval": metrics, "without_retrieval": metrics, "questions": n, "retrieved_relevant": share of
-        questions whose relevant chunk made it into the prompt, "examples": the first three answers}.
+        questions whose relevant chunk made it into the prompt, "examples": the first three answers,
+        "per_question": each question's answers, ROUGE-L F1 with and without, whether its relevant chunk was in
+        the prompt, and whether each answer names the object (`names_the_object`)}.
     """
     if not queries:
         raise ValueError("no questions to measure")
@@ -313,6 +316,21 @@ def measure_answers(
     grounded = answer_all(questions, index, model, tokenizer, k=k, mode=mode, max_new_tokens=max_new_tokens)
     closed = answers_without_retrieval(questions, model, tokenizer, max_new_tokens=max_new_tokens)
     found = [any(s.chunk_index in q.relevant for s in a.sources) for q, a in zip(queries, grounded, strict=True)]
+    per_question = [
+        {
+            "question": q.text,
+            "kind": getattr(q, "source", None),
+            "reference": q.answer,
+            "with": g.text,
+            "without": c.text,
+            "relevant_in_prompt": f,
+            "rougeL_f1_with": metric.compute(predictions=[g.text], references=[q.answer])["rougeL_f1"],
+            "rougeL_f1_without": metric.compute(predictions=[c.text], references=[q.answer])["rougeL_f1"],
+            "names_with": names_the_object(g.text, q.answer),
+            "names_without": names_the_object(c.text, q.answer),
+        }
+        for q, g, c, f in zip(queries, grounded, closed, found, strict=True)
+    ]
     return {
         "questions": len(queries),
         "with_retrieval": metric.compute(predictions=[a.text for a in grounded], references=refs),
@@ -322,7 +340,21 @@ def measure_answers(
             {"question": q.text, "reference": q.answer, "with": g.text, "without": c.text}
             for q, g, c in list(zip(queries, grounded, closed, strict=True))[:3]
         ],
+        "per_question": per_question,
     }
+
+
+_QUALNAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+
+
+def names_the_object(text: str, reference: str) -> bool | None:
+    """Whether an answer names the documented object of a docstring question: the last part of its qualified name
+    (`dumps` for `json.dumps`) as a whole word, case as written. None when the reference is not a qualified name
+    (a topic question's reference is a sentence)."""
+    if not _QUALNAME.fullmatch(reference):
+        return None
+    name = reference.rsplit(".", 1)[-1]
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
 
 
 def load_generator(name: str, *, device: str = "cpu"):

@@ -726,6 +726,7 @@ def test_rag_answer_runs_tiny(rag_index_dir, tiny_lm_dir, capsys):
 @pytest.mark.slow
 def test_rag_bench_runs_tiny(tmp_path):
     tiny = ["--max-docs", "2", "--queries", "5", "--repeats", "1", "--sizes", "200", "--scale-queries", "3"]
+    tiny += ["--answers", "0"]  # grounded answers: tests/test_rag_bench.py (with the tiny model)
     figures = run_module("bench.rag_bench", "tiny-hf bench rag", [*tiny, "--results", str(tmp_path)])
     assert figures["quality"]["documents"] == 2 and figures["dense_scaling"][0]["vectors"] == 200, figures[
         "dense_scaling"

@@ -13,11 +13,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rag import Encoder, RagIndex
-from rag.answer import Answer, answer, build_prompt, cite, context_window, grounded_prompt, measure_answers
+from rag.answer import (
+    Answer,
+    answer,
+    build_prompt,
+    cite,
+    context_window,
+    grounded_prompt,
+    measure_answers,
+    names_the_object,
+)
 from rag.evaluate import (
+    QUERY_KINDS,
     build_queries,
     evaluate_index,
+    hold_out_summaries,
     mean_metrics,
+    paraphrase_query,
     rank_by_score,
     rewrite_query,
 )
@@ -139,6 +151,88 @@ def test_queries_are_deterministic_and_point_at_their_source(tiny_lm_dir, docs):
         build_queries(chunks, n=0)
 
 
+def test_paraphrase_rules():
+    s = "Serialize ``obj`` to a JSON formatted ``str``."
+    assert (
+        paraphrase_query(s, qualname="json.dumps", args=["obj", "skipkeys"], variant=0)
+        == "is there a way to convert the given value to formatted piece of text?"
+    )
+    # "JSON" goes with the name; without the name it gets its description
+    assert "data interchange notation" in paraphrase_query(s, qualname="x.dumps", args=["obj"], variant=1)
+    r = paraphrase_query("Fallback for getEvent using the SAX2 file interface.", qualname="a.B.c", kind="method")
+    assert r == "what method fits this description: fallback for using document on disk interface?"
+    assert paraphrase_query("Open the file.", qualname="a.b") == "is there a way to open document on disk?"
+
+
+def _held_docs(docs):
+    return [d for d in docs if d["id"].startswith("stdlib/")][:6] + docs[-3:]
+
+
+def test_hold_out_removes_summaries_and_only_them(docs):
+    picked = _held_docs(docs)
+    out, held = hold_out_summaries(picked, fraction=1.0)
+    assert held and len(out) == len(picked)
+    texts = {d["id"]: d["text"] for d in out}
+    for h in held:
+        text = texts[h.doc_id]
+        assert h.sentence not in " ".join(text.split())  # gone from the index's text
+        assert text[h.start :].startswith(f"class {h.qualname}") or text[h.start :].startswith(f"{h.qualname}(")
+        assert h.start < h.rest < h.end <= len(text) and len(text[h.rest : h.end].split()) >= 1
+    # topics untouched; with fraction 0 nothing moves
+    assert [d for d in out if d["id"].startswith("topic/")] == [d for d in picked if d["id"].startswith("topic/")]
+    assert hold_out_summaries(picked, fraction=0.0) == (picked, [])
+    half = hold_out_summaries(picked, fraction=0.5)[1]
+    assert 0 < len(half) < len(held) and {(h.doc_id, h.qualname) for h in half} <= {
+        (h.doc_id, h.qualname) for h in held
+    }
+    with pytest.raises(ValueError, match="fraction=1.5"):
+        hold_out_summaries(picked, fraction=1.5)
+
+
+def test_every_query_kind_points_at_its_chunk(tiny_lm_dir, docs):
+    from transformers import AutoTokenizer
+
+    from rag import chunk_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    out, held = hold_out_summaries(_held_docs(docs), fraction=1.0)
+    chunks = chunk_documents(out, tokenizer, chunk_size=64, overlap=8)
+    queries = build_queries(chunks, n=30, per_doc=3, kinds=QUERY_KINDS, held_out=held)
+    assert queries == build_queries(chunks, n=30, per_doc=3, kinds=QUERY_KINDS, held_out=held)
+    assert {q.source for q in queries} == set(QUERY_KINDS) and len({q.qid for q in queries}) == len(queries)
+    for q in queries:
+        ((i, grade),) = q.relevant.items()
+        c = chunks[i]
+        assert grade == 1 and c.doc_id == q.doc_id and c.start <= q.start < q.end <= c.end
+        assert q.text.endswith("?")
+        if q.source == "held_out":
+            assert all(q.sentence not in " ".join(o.text.split()) for o in chunks)  # nowhere to copy it from
+            assert c.text.lstrip().startswith(q.answer) or f"{q.answer}(" in c.text or f"class {q.answer}" in c.text
+        if q.source in ("paraphrase", "held_out"):
+            assert q.answer.count(".") >= 1 and q.answer.rsplit(".", 1)[-1] not in q.text.split()
+    # the original kinds are unchanged by the new ones: the same draw as asking for them alone
+    original = [q for q in queries if q.source in ("docstring", "topic")]
+    assert original == build_queries(chunks, n=30, per_doc=3, held_out=held)
+
+
+def test_query_kind_errors(tiny_index):
+    with pytest.raises(
+        ValueError, match=r"\['bogus'\] are not among \['docstring', 'topic', 'paraphrase', 'held_out'\]"
+    ):
+        build_queries(tiny_index.chunks, kinds=["docstring", "bogus"])
+    with pytest.raises(ValueError, match="held_out=hold_out_summaries"):
+        build_queries(tiny_index.chunks, kinds=["held_out"])
+    with pytest.raises(ValueError, match="no query kind"):
+        build_queries(tiny_index.chunks, kinds=[])
+
+
+def test_names_the_object():
+    assert names_the_object("Use `json.dumps(obj)`.", "json.dumps")
+    assert names_the_object("call dumps", "json.dumps") and not names_the_object("it undumps", "json.dumps")
+    assert not names_the_object("Dumps it", "json.dumps")  # case as written
+    assert names_the_object("anything", "A whole sentence, not a name.") is None
+
+
 def test_evaluation_runs_on_a_tiny_index(tiny_index):
     queries = build_queries(tiny_index.chunks, n=15)
     assert queries
@@ -146,6 +240,9 @@ def test_evaluation_runs_on_a_tiny_index(tiny_index):
     for m in results.values():
         assert all(0 <= m[name] <= 1 for name in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"))
         assert m["recall@1"] <= m["recall@5"] <= m["recall@10"]
+    per = evaluate_index(tiny_index, queries, retrievers=("bm25",), per_query=True)["bm25"]
+    assert len(per["per_query"]) == len(queries)
+    assert per["recall@1"] == pytest.approx(sum(m["recall@1"] for m in per["per_query"]) / len(queries))
     # same method, parameters and tokens: bm25s and ours find the same chunks
     assert results["bm25s"]["recall@10"] == results["bm25"]["recall@10"]
     with pytest.raises(ValueError, match="not among"):
@@ -237,6 +334,12 @@ def test_measure_answers_with_and_without_retrieval(tiny_index, tiny_lm):
     assert result["questions"] == 2 and 0 <= result["retrieved_relevant"] <= 1
     for side in ("with_retrieval", "without_retrieval"):
         assert 0 <= result[side]["rougeL_f1"] <= 1 and 0 <= result[side]["exact_match"] <= 1
+    rows = result["per_question"]
+    assert [r["question"] for r in rows] == [q.text for q in queries]
+    for r in rows:
+        assert 0 <= r["rougeL_f1_with"] <= 1 and r["names_with"] in (True, False, None)
+    mean_with = sum(r["rougeL_f1_with"] for r in rows) / len(rows)
+    assert mean_with == pytest.approx(result["with_retrieval"]["rougeL_f1"])
 
 
 def test_answer_evaluate_and_search_clis(tiny_index, tiny_lm_dir, tmp_path, capsys):

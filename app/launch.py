@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tiny_hf.engine import Engine
-from tiny_hf.runs import resolve_model
+from tiny_hf.runs import FETCHED_MODELS, resolve_model
 
 # What a model that does not load raises: a missing folder or Hub id (OSError), a model the engine cannot run
 # (TypeError), a damaged config (ValueError).
@@ -18,7 +18,13 @@ LOAD_ERRORS = (OSError, TypeError, ValueError)
 class ModelOptions:
     _argument_group_name = "model"
 
-    model: str = field(default="runs/demo", metadata={"help": "a run folder (its model/), a model folder or a Hub id"})
+    model: str = field(
+        default="runs/demo",
+        metadata={
+            "help": "a run folder (its model/), a model folder, a Hub id, or a model `tiny-hf fetch NAME` downloads: "
+            + ", ".join(f"{name} ({what})" for name, what in FETCHED_MODELS.items())
+        },
+    )
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"})
     max_seq_len: int | None = field(default=None, metadata={"help": "context window (default: the model's)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run a model folder's own code"})

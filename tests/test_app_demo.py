@@ -11,8 +11,9 @@ from conftest import RAG_QUESTION, free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from app import server
 from app.demo import PASSAGE_COLUMNS, attention_map, build_demo, main, token_spans
-from tiny_hf.runs import resolve_model
+from tiny_hf.runs import FETCHED_MODELS, model_path, resolve_model
 
 # One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
 pytestmark = pytest.mark.xdist_group("gradio")
@@ -87,6 +88,31 @@ def test_main_says_clearly_when_the_model_does_not_exist(tmp_path):
     message = str(exit_info.value.code)
     assert message.startswith(f"error: cannot load --model '{missing}': no such folder")
     assert "Traceback" not in message
+
+
+@pytest.mark.parametrize("command", [main, server.main], ids=["chat", "serve"])
+def test_a_fetched_name_says_how_to_fetch_it_in_one_line(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/smollm2 here
+    with pytest.raises(SystemExit) as exit_info:
+        command(["--model", "smollm2", "--no-browser"] if command is main else ["--model", "smollm2"])
+    message = str(exit_info.value.code)
+    assert message == (
+        "error: cannot load --model 'smollm2': SmolLM2-135M-Instruct is not fetched (no runs/smollm2/model): "
+        "run `tiny-hf fetch smollm2`"
+    )
+
+
+def test_a_fetched_name_loads_its_run_folder_and_a_local_folder_of_that_name_wins(tiny_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert set(FETCHED_MODELS) == {"smollm2"}
+    (tmp_path / "runs" / "smollm2").mkdir(parents=True)  # a fetch that never finished: still not fetched
+    with pytest.raises(ValueError, match=r"^--model smollm2: .*run `tiny-hf fetch smollm2`$"):
+        model_path("--model", "smollm2")
+    shutil.copytree(tiny_lm_dir, tmp_path / "runs" / "smollm2" / "model")
+    assert resolve_model("smollm2") == ("runs/smollm2/model", [Path("runs/smollm2")])
+    assert model_path("--model", "smollm2") == "runs/smollm2/model"
+    shutil.copytree(tiny_lm_dir, tmp_path / "smollm2")  # a folder in the working directory is what the user means
+    assert resolve_model("smollm2") == ("smollm2", [Path("smollm2"), Path(".")])
 
 
 def test_main_says_clearly_when_the_rag_index_does_not_exist(run_dir, tmp_path):

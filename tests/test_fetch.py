@@ -8,6 +8,7 @@ import pytest
 from conftest import check_stage_record, run_without_tiny_hf
 
 from tiny_hf import cli
+from tiny_hf.runs import FETCHED_MODELS
 from training import fetch
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
@@ -15,6 +16,12 @@ MAX_NEW_TOKENS = 48
 
 
 pytestmark = pytest.mark.xdist_group("fetch")  # one worker fetches once for the whole module
+
+
+def test_every_fetched_name_is_one_that_every_stages_model_flag_takes():
+    # tiny_hf.runs resolves `--model NAME` to runs/NAME (where fetch writes it) for exactly these names.
+    assert set(FETCHED_MODELS) == set(fetch.PRETRAINED)
+    assert all(FETCHED_MODELS[name] == spec["hub_id"].split("/")[-1] for name, spec in fetch.PRETRAINED.items())
 
 
 @pytest.fixture(scope="module")

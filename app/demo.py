@@ -1,10 +1,12 @@
 """A Gradio demo of a tiny_hf model: chat, grounded answers, tokenizer playground, attention maps and the model card.
 
-    tiny-hf chat --model runs/demo        # then open http://127.0.0.1:7860
+    tiny-hf chat --model runs/chat        # then open http://127.0.0.1:7860 (`make chat` makes runs/chat)
+    tiny-hf chat --model smollm2          # SmolLM2-135M-Instruct, after `tiny-hf fetch smollm2`
     tiny-hf chat --model runs/sft --rag-index runs/rag-index   # adds the "Ask the docs" tab
 
-`--model` is a run folder (`make demo` writes `runs/demo`; its `model/` subfolder is loaded and its
-`loss_curve.png` and `summary.md` go on the model card), a model folder, or a Hub id. Generation goes through
+`--model` is a run folder (`make demo` writes `runs/demo`, a base model; `make chat` fine-tunes it into `runs/chat`,
+which answers in turns; a run folder's `model/` subfolder is loaded and its `loss_curve.png` and `summary.md` go on
+the model card), a model folder, a Hub id, or the short name of a fetched model (`smollm2`). Generation goes through
 `tiny_hf.engine` (an `EngineLoop` in a background thread), so several browser tabs chatting at once share one
 continuously batched forward pass instead of queueing behind each other.
 

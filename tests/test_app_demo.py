@@ -13,6 +13,7 @@ from gradio_client.exceptions import AppError
 
 from app import server
 from app.demo import PASSAGE_COLUMNS, attention_map, build_demo, main, token_spans
+from tiny_hf.chat import CHAT_SAMPLING
 from tiny_hf.runs import FETCHED_MODELS, model_path, resolve_model
 
 # One worker serves the whole module (under `pytest -n 2 --dist loadgroup`), so the app starts once.
@@ -29,7 +30,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHAT_RUN = ROOT / "runs" / "chat"  # what `make chat` fine-tunes the demo model into
+CHAT_QUESTION = "What does `ast.parse` do?"  # the ast module is held out of SFT (and of pretraining)
 TRICKY_TEXT = "The json module: héllo wörld 🙂\n\n  tabs\tand <|im_end|> special."
 # Greedy, so that a reply is the same on every run; short, so that the file stays fast.
 GREEDY = dict(system_prompt="", temperature=0.0, top_p=1.0, top_k=0, max_tokens=24, repetition_penalty=1.0)
@@ -314,3 +318,53 @@ def test_browser_tokenizer_tab_and_model_card(page):
     page.wait_for_selector("text=final validation loss 9.87")
     page.wait_for_selector("img[src*='loss_curve']")
     assert page.get_by_text("TinyForCausalLM").first.is_visible()
+
+
+@pytest.fixture
+def chat_served(monkeypatch):
+    """The app on `make chat`'s model (runs/chat), when there is one."""
+    if not (CHAT_RUN / "model" / "config.json").is_file():
+        pytest.skip(f"no {CHAT_RUN}/model: `make chat` fine-tunes the demo model into it")
+    monkeypatch.chdir(ROOT)  # the page names the model as `make chat` does: runs/chat
+    demo, loop = build_demo("runs/chat")
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield SimpleNamespace(url=url, engine=loop.engine)
+    finally:
+        demo.close()
+        loop.shutdown(timeout=5)
+
+
+def plain(text: str) -> str:
+    """Text as the chatbot shows it, for comparing with the raw reply: Markdown marks and spacing left out."""
+    return " ".join(text.translate(str.maketrans("", "", "`*_")).split())
+
+
+@pytest.mark.slow
+def test_browser_the_chat_model_answers_a_held_out_question(browser, chat_served):
+    """The SFT'd demo model answers in the chat: the greedy reply appears, ends its turn by itself, and is the
+    screenshot in the README (docs/img/chat.png is a copy of test-artifacts/chat.png)."""
+    page = browser.new_page(viewport={"width": 960, "height": 760})
+    page.set_default_timeout(60_000)
+    page.goto(chat_served.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#chat-input textarea")
+    page.get_by_text("System prompt and sampling").click()
+    page.fill("#temperature input[type=number]", "0")  # greedy: the answer the API gives below
+    page.press("#temperature input[type=number]", "Enter")
+    page.get_by_text("System prompt and sampling").click()  # closed again, for the picture
+    page.fill("#chat-input textarea", CHAT_QUESTION)
+    page.press("#chat-input textarea", "Enter")
+    page.wait_for_selector("#chatbot [data-testid=bot]")
+    page.wait_for_selector("#chatbot > [data-testid=status-tracker].hide", state="attached")  # the reply has ended
+    shown = page.locator("#chatbot [data-testid=bot]").last.text_content()
+
+    # The same question through the API, greedy with the page's other defaults (max new tokens is 128).
+    sampling = {**CHAT_SAMPLING, "temperature": 0.0}
+    args = ("", sampling["temperature"], sampling["top_p"], sampling["top_k"], 128, sampling["repetition_penalty"])
+    reply = Client(chat_served.url, verbose=False).predict(CHAT_QUESTION, None, *args, api_name="/chat")
+    assert plain(reply) and plain(shown) == plain(reply)
+    # It ended its turn by itself (before the 128 tokens ran out), and no chat-template markup leaked into it.
+    assert len(chat_served.engine.tokenizer(reply).input_ids) < 128 and "<|" not in reply
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat.png"))
+    page.close()

@@ -1,0 +1,128 @@
+"""Synthetic retrieval documents: a small share of them in pretraining teaches a tiny model to copy from its context.
+
+Two offline, deterministic sources that `--data` names like any other ("embedded:0.9,passkey:0.1"):
+- `passkey`: the passkey task of Mohtashami & Jaggi (2023) with its answer written out: an instruction, filler
+  sentences, "The pass key is 4821. Remember it. 4821 is the pass key.", more filler, then "What is the pass key?
+  The pass key is 4821." training/long_context.py builds its test prompts with the same `passkey_text`, minus the
+  answer, so the model is asked in exactly the format it was trained on;
+- `key-value`: a list of named keys ("The pass key of river is 4821.") and a question about one of them, the
+  associative-recall task of the induction-head studies (Olsson et al. 2022; Zoology, Arora et al. 2023).
+
+Why this works on a 3M-parameter model within a few CPU minutes: the answer is the token sequence that followed the
+question's own last words ("The pass key is") earlier in the document, which an induction head (a previous-token head
+plus a head that attends to the token after an earlier match, then copies it) predicts exactly. On natural text that
+circuit forms slowly; here every document rewards it on 2-5 digit tokens, the filler is the same five sentences
+(cheap to predict, so the loss that is left sits on the key), and the keys are 4-digit numbers the tokenizer cuts into
+one to four tokens.
+
+Documents are at most about 130 tokens with a tokenizer trained on the mix (filler sentences cost ~5 tokens each), so
+most of them fit in a 128-256-token training block; how far apart needle and question are is spread evenly over that
+range. Train and validation documents come from separate seeds, so they never share a text.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+# Mohtashami & Jaggi's filler, sentence by sentence (prompts cut it at sentence ends)
+FILLER_SENTENCES = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
+INSTRUCTION = "There is an important number hidden in a lot of irrelevant text. Find it and remember it."
+QUESTION = "What is the pass key? The pass key is"
+KEY_RANGE = (1000, 9999)  # 4-digit keys, as in the passkey literature: a guess is right 1 time in 9,000
+NAMES = (
+    "apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle", "garden", "rocket", "silver", "forest",
+    "window", "button", "dragon", "pencil", "island", "winter", "orange", "castle", "bridge", "mirror", "thunder",
+    "violet", "coffee", "planet", "anchor", "basket", "falcon", "meadow", "copper", "harbor",
+)  # fmt: skip
+MAX_FILLER = 10  # filler sentences per passkey document, at most (~125 tokens with an 8k BPE of the embedded corpus)
+MAX_PAIRS = 4  # named keys per key-value document, at most (~150 tokens with every question)
+DOCUMENTS = {"train": 4000, "validation": 200}  # ~350k training tokens: more than a few minutes of training draw
+SEEDS = {"train": 0, "validation": 1}
+
+
+def filler(count: int, start: int = 0) -> list[str]:
+    """`count` filler sentences, cycling through FILLER_SENTENCES from sentence `start`."""
+    return [FILLER_SENTENCES[(start + i) % len(FILLER_SENTENCES)] for i in range(count)]
+
+
+def passkey_text(key: int, before: int, after: int, answer: bool = True) -> str:
+    """A passkey document: the instruction, `before` filler sentences, the key sentence, `after` more, the question
+    and (when `answer`) the key after it. Without the answer it is the test prompt, ending in QUESTION.
+
+    Args:
+        key: the number to hide.
+        before: filler sentences between the instruction and the key sentence.
+        after: filler sentences between the key sentence and the question (the filler continues its cycle).
+        answer: end with " {key}." (training documents) or stop at the question (prompts).
+    """
+    if before < 0 or after < 0:
+        raise ValueError(f"before={before} and after={after} must be >= 0 filler sentences")
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    parts = [INSTRUCTION, *filler(before), needle, *filler(after, start=before), QUESTION]
+    return " ".join(parts) + (f" {key}." if answer else "")
+
+
+def key_value_text(pairs: list[tuple[str, int]], order: list[int]) -> str:
+    """A key-value document: every (name, key) pair as a sentence, then a question about each pair in `order`,
+    answered. Every answer is a copy from the list above it, so one document rewards the copy many times.
+
+    Args:
+        pairs: (name, key) pairs, names distinct.
+        order: the indices of the pairs asked about, in the order asked.
+    """
+    lines = ["Remember these pass keys."] + [f"The pass key of {name} is {key}." for name, key in pairs]
+    for i in order:
+        name, key = pairs[i]
+        lines.append(f"What is the pass key of {name}? The pass key of {name} is {key}.")
+    return " ".join(lines)
+
+
+def passkey_documents(count: int, seed: int) -> list[str]:
+    """`count` passkey documents: random keys, 0..MAX_FILLER filler sentences in all, the key at a random depth."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        total = rng.randint(0, MAX_FILLER)
+        before = rng.randint(0, total)
+        texts.append(passkey_text(rng.randint(*KEY_RANGE), before, total - before))
+    return texts
+
+
+def key_value_documents(count: int, seed: int) -> list[str]:
+    """`count` key-value documents: 2..MAX_PAIRS distinct names with random keys, each asked for in random order."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        names = rng.sample(NAMES, rng.randint(2, MAX_PAIRS))
+        pairs = [(name, rng.randint(*KEY_RANGE)) for name in names]
+        texts.append(key_value_text(pairs, rng.sample(range(len(pairs)), len(pairs))))
+    return texts
+
+
+# The data-spec names of the synthetic sources; each maker takes (count, seed) and returns that many texts.
+SYNTHETIC_SOURCES: dict[str, Callable[[int, int], list[str]]] = {
+    "passkey": passkey_documents,
+    "key-value": key_value_documents,
+}
+
+
+def synthetic_texts(source: str) -> tuple[list[str], list[str]]:
+    """(train, validation) texts of a synthetic source, the same on every call and machine.
+
+    Args:
+        source: one of SYNTHETIC_SOURCES.
+    """
+    if source not in SYNTHETIC_SOURCES:
+        raise ValueError(f"synthetic source {source!r} is not one of {list(SYNTHETIC_SOURCES)}")
+    make = SYNTHETIC_SOURCES[source]
+    train = make(DOCUMENTS["train"], SEEDS["train"])
+    seen = set(train)
+    validation = [text for text in make(DOCUMENTS["validation"], SEEDS["validation"]) if text not in seen]
+    return train, validation

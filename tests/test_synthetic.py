@@ -31,8 +31,10 @@ def test_every_answer_is_a_copy_from_earlier_in_the_document():
         assert len(keys) == 3 and len(set(keys)) == 1 and text.endswith(f"{synthetic.QUESTION} {keys[0]}.")
         assert text.startswith(synthetic.INSTRUCTION)
     for text in synthetic.key_value_documents(50, seed=3):
-        listed = dict(re.findall(r"The pass key of (\w+) is (\d{4})\.", text.split("What is")[0]))
-        answered = re.findall(r"What is the pass key of (\w+)\? The pass key of \1 is (\d{4})\.", text)
+        first, again = text.split("What is")[0].removeprefix("Remember these pass keys. ").split(" Once more: ")
+        assert first == again.strip()
+        listed = dict(re.findall(r"(\w+) (\d{4})\.", first))
+        answered = re.findall(r"What is the pass key of (\w+)\? \1 (\d{4})\.", text)
         assert 2 <= len(listed) <= synthetic.MAX_PAIRS and sorted(answered) == sorted(listed.items())
 
 

@@ -305,9 +305,10 @@ def finished(run: Path, steps: int) -> bool:
 
 
 def pretrain_runs(options: LongContextOptions) -> tuple[str, str]:
-    """Train the RoPE run (--model) and the ALiBi run (--alibi-model, default <model>-alibi) on --data with the same
-    recipe, seed and tokenizer (trained on the natural sources only, so the synthetic share does not shape the
-    vocabulary); a run already finished with these steps is kept. Returns both folders."""
+    """Train the RoPE run (--model), then the ALiBi run (--alibi-model, default <model>-alibi) on --data with the
+    same recipe, seed and tokenizer: unless the pretrain flags name one, a tokenizer trained on the natural sources
+    only (the synthetic share does not shape the vocabulary), which the ALiBi run takes from the RoPE run's model
+    folder. A run already finished with these steps is kept. Returns both folders."""
     from tiny_hf.bpe import train_tokenizer
     from training import pretrain
 
@@ -320,7 +321,6 @@ def pretrain_runs(options: LongContextOptions) -> tuple[str, str]:
         "max_steps": options.pretrain_steps,
         "seed": options.seed,
     }
-    tokenizer_dir = rope_run / "tokenizer"
     for run, position in ((rope_run, "rope"), (alibi_run, "alibi")):
         (recipe,) = parse_options(
             pretrain.PretrainOptions, argv=shlex.split(options.pretrain_args), defaults={**defaults, "out": run}
@@ -328,12 +328,12 @@ def pretrain_runs(options: LongContextOptions) -> tuple[str, str]:
         if finished(run, options.pretrain_steps):
             print(f"long-context: {run} is trained ({options.pretrain_steps} steps), reused")
             continue
-        if recipe.tokenizer is None:
-            if not (tokenizer_dir / "tokenizer.json").is_file():
-                texts = training_texts(natural_spec(options.data), recipe.val_fraction, recipe.cache_dir)
-                print(f"long-context: a {recipe.vocab_size}-token tokenizer on {len(texts)} natural documents")
-                train_tokenizer(texts, vocab_size=recipe.vocab_size).save_pretrained(tokenizer_dir)
-            recipe.tokenizer = str(tokenizer_dir) if run != rope_run else None  # the RoPE run finds its own
+        if recipe.tokenizer is None and run == alibi_run:
+            recipe.tokenizer = str(rope_run / "model")
+        elif recipe.tokenizer is None and not (run / "tokenizer" / "tokenizer.json").is_file():
+            texts = training_texts(natural_spec(options.data), recipe.val_fraction, recipe.cache_dir)
+            print(f"long-context: a {recipe.vocab_size}-token tokenizer on {len(texts)} natural documents")
+            train_tokenizer(texts, vocab_size=recipe.vocab_size).save_pretrained(run / "tokenizer")  # pretrain's own
         recipe.set = [*recipe.set, f"position_embedding={position}"]
         print(f"long-context: pretraining {run} ({position}, {options.pretrain_steps} steps on {options.data})")
         pretrain.train(recipe)

@@ -5,7 +5,7 @@ Two offline, deterministic sources that `--data` names like any other ("embedded
   sentences, "The pass key is 4821. Remember it. 4821 is the pass key.", more filler, then "What is the pass key?
   The pass key is 4821." training/long_context.py builds its test prompts with the same `passkey_text`, minus the
   answer, so the model is asked in exactly the format it was trained on;
-- `key-value`: a list of named keys ("The pass key of river is 4821.") and a question about one of them, the
+- `key-value`: a list of named keys ("river 4821."), read twice, then a question about each, the
   associative-recall task of the induction-head studies (Olsson et al. 2022; Zoology, Arora et al. 2023).
 
 Why this works on a 3M-parameter model within a few CPU minutes: the answer is the token sequence that followed the
@@ -36,10 +36,12 @@ FILLER_SENTENCES = (
 INSTRUCTION = "There is an important number hidden in a lot of irrelevant text. Find it and remember it."
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (1000, 9999)  # 4-digit keys, as in the passkey literature: a guess is right 1 time in 9,000
+# Names that are one token each (with the leading space) in an 8k BPE of the embedded corpus, so the key that
+# follows a name is a one-token induction copy.
 NAMES = (
-    "apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle", "garden", "rocket", "silver", "forest",
-    "window", "button", "dragon", "pencil", "island", "winter", "orange", "castle", "bridge", "mirror", "thunder",
-    "violet", "coffee", "planet", "anchor", "basket", "falcon", "meadow", "copper", "harbor",
+    "file", "list", "table", "window", "button", "color", "server", "client", "socket", "thread", "queue", "stack",
+    "tree", "node", "graph", "image", "cache", "logger", "parser", "record", "frame", "widget", "canvas", "turtle",
+    "mail", "clock", "calendar", "number", "light", "letter", "circle", "square", "engine", "wheel",
 )  # fmt: skip
 MAX_FILLER = 10  # filler sentences per passkey document, at most (~125 tokens with an 8k BPE of the embedded corpus)
 MAX_PAIRS = 4  # named keys per key-value document, at most (~150 tokens with every question)
@@ -70,17 +72,19 @@ def passkey_text(key: int, before: int, after: int, answer: bool = True) -> str:
 
 
 def key_value_text(pairs: list[tuple[str, int]], order: list[int]) -> str:
-    """A key-value document: every (name, key) pair as a sentence, then a question about each pair in `order`,
-    answered. Every answer is a copy from the list above it, so one document rewards the copy many times.
+    """A key-value document: the (name, key) list, the same list once more, then a question about each pair in
+    `order`, answered. The name sits right before its key, so every key after the first list is a one-token
+    induction copy (the token that followed this name before), the circuit the passkey prompts need.
 
     Args:
         pairs: (name, key) pairs, names distinct.
         order: the indices of the pairs asked about, in the order asked.
     """
-    lines = ["Remember these pass keys."] + [f"The pass key of {name} is {key}." for name, key in pairs]
+    listed = " ".join(f"{name} {key}." for name, key in pairs)
+    lines = ["Remember these pass keys.", listed, "Once more:", listed]
     for i in order:
         name, key = pairs[i]
-        lines.append(f"What is the pass key of {name}? The pass key of {name} is {key}.")
+        lines.append(f"What is the pass key of {name}? {name} {key}.")
     return " ".join(lines)
 
 

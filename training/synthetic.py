@@ -1,6 +1,6 @@
-"""Synthetic retrieval documents: a small share of them in pretraining teaches a tiny model to copy from its context.
+"""Synthetic retrieval documents: a share of them in pretraining is meant to teach a tiny model to copy from context.
 
-Two offline, deterministic sources that `--data` names like any other ("embedded:0.9,passkey:0.1"):
+Two offline, deterministic sources that `--data` names like any other ("embedded:0.6,passkey:0.2,key-value:0.2"):
 - `passkey`: the passkey task of Mohtashami & Jaggi (2023) with its answer written out: an instruction, filler
   sentences, "The pass key is 4821. Remember it. 4821 is the pass key.", more filler, then "What is the pass key?
   The pass key is 4821." training/long_context.py builds its test prompts with the same `passkey_text`, minus the
@@ -8,16 +8,17 @@ Two offline, deterministic sources that `--data` names like any other ("embedded
 - `key-value`: a list of named keys ("river 4821."), read twice, then a question about each, the
   associative-recall task of the induction-head studies (Olsson et al. 2022; Zoology, Arora et al. 2023).
 
-Why this works on a 3M-parameter model within a few CPU minutes: the answer is the token sequence that followed the
-question's own last words ("The pass key is") earlier in the document, which an induction head (a previous-token head
-plus a head that attends to the token after an earlier match, then copies it) predicts exactly. On natural text that
-circuit forms slowly; here every document rewards it on 2-5 digit tokens, the filler is the same five sentences
-(cheap to predict, so the loss that is left sits on the key), and the keys are 4-digit numbers the tokenizer cuts into
-one to four tokens.
+The circuit both reward is an induction head (a previous-token head plus a head that attends to the token after an
+earlier match of the current one, then copies it): every answer is the token sequence that followed the question's
+last words earlier in the document. The filler is the same five sentences (cheap to predict, so the loss that is left
+sits on the keys); names are one token each and sit right before their key, so the key-value copy needs a one-token
+match; keys are 4-digit numbers (one to four tokens). Measured (docs/08): tiny-3m trained 400 steps (1.6M tokens) on
+embedded:0.6,passkey:0.2,key-value:0.2 had only begun to copy (the repeated list's keys 0.2 nats below the first
+list's) and retrieved no passkey; the phase change that forms induction heads needs more training than that.
 
-Documents are at most about 130 tokens with a tokenizer trained on the mix (filler sentences cost ~5 tokens each), so
-most of them fit in a 128-256-token training block; how far apart needle and question are is spread evenly over that
-range. Train and validation documents come from separate seeds, so they never share a text.
+Documents are at most about 130 tokens with an 8k BPE of the embedded corpus (filler sentences cost ~7 tokens each),
+so many of them fit in a 128-token training block; how far apart needle and question are is spread evenly over that
+range. Train and validation documents come from separate seeds and never share a text.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import torch
 
 from tiny_hf.bpe import bytes_to_unicode
 from tiny_hf.corpus import DOC_SEPARATOR, split_documents, write_corpus
+from training.synthetic import SYNTHETIC_SOURCES, synthetic_texts
 
 EMBEDDED = "embedded"  # the spec name of the embedded corpus (tiny_hf.corpus)
 DOCUMENT_SUFFIXES = (".txt", ".md", ".jsonl", ".json")  # what a folder of documents is read for
@@ -69,6 +70,8 @@ def load_documents(
 
     - "embedded": the embedded corpus, written to `cache_dir/corpus` unless already there with this val_fraction and
       Python, read with `load_dataset("json")`; it is split by document id already.
+    - "passkey", "key-value": synthetic retrieval documents (training/synthetic.py), generated with their own fixed
+      train and validation seeds (val_fraction does not apply).
     - a file: `.txt` is one document, or several separated by `<|endoftext|>` lines (`DOC_SEPARATOR`, write_corpus's
       .txt layout); `.md` is one document; `.jsonl`/`.json` (JSON Lines or one list) a `text_column` per record.
     - a folder: every such file under it (recursive, sorted, hidden paths skipped). A folder of split-named data
@@ -97,6 +100,9 @@ def load_documents(
         )
     if source == EMBEDDED:
         train, validation = _embedded_texts(Path(cache_dir), val_fraction)
+    elif source in SYNTHETIC_SOURCES:
+        train, validation = synthetic_texts(source)
+        validation = validation if val_fraction > 0 else []
     elif path.is_file() or (path.is_dir() and not _is_dataset_folder(path)):
         files = [path] if path.is_file() else _document_files(path)
         if not files or files[0].suffix not in DOCUMENT_SUFFIXES:

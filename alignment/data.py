@@ -376,6 +376,23 @@ def partial_credit_reward(completions: list, answer: list[str], **kwargs) -> lis
     return scores
 
 
+def digit_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """A shaped reward for numeric answers: the share of digit places (aligned from the ones place) where the
+    completion's number agrees with the answer, over the longer of the two; 1.0 only for the exact answer. A near
+    miss ("9 2" for 91) scores 0.5 instead of 0, so groups whose answers are all wrong still rank them; exact match
+    stays the metric. Non-numeric expected answers fall back to exact match."""
+    scores = []
+    for completion, expected in zip(completions, answer, strict=True):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        got = extract_answer(text) or ""
+        if not (got.isdigit() and expected.isdigit()):
+            scores.append(1.0 if got == expected else 0.0)
+            continue
+        width = max(len(got), len(expected))
+        scores.append(sum(a == b for a, b in zip(got[::-1], expected[::-1], strict=False)) / width)
+    return scores
+
+
 def _as_turns(value, role: str) -> list[dict]:
     """A TRL field as a list of chat turns: strings (standard format) become one turn of `role`."""
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)

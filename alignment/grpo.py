@@ -19,8 +19,9 @@ all wrong) has zero advantage everywhere and teaches nothing: the summary report
 it as `frac_reward_zero_std`). `--beta` > 0 adds a KL penalty towards the starting model (with LoRA: the adapters
 switched off; else TRL loads a second copy from the folder).
 
-Rewards: python functions by name (REWARD_FUNCS: `exact_match`, the module named first is the right one; `format`,
-the answer is one backticked name) and/or a reward model folder (alignment/reward.py's `<out>/model`), summed.
+Rewards: python functions by name (REWARD_FUNCS: `exact_match`, the name or number given first is the answer;
+`partial_credit` and `digits`, shaped versions that rank near misses; `format`, the answer is one backticked name)
+and/or a reward model folder (alignment/reward.py's `<out>/model`), summed.
 
 Reports held-out exact match with greedy decoding before and after, and the logged rewards, in
 `<out>/summary.md`; `--results bench/results` also writes `<algo>.md`/`.json`. The policy (with LoRA: merged) is
@@ -43,6 +44,7 @@ import tiny_hf
 from alignment import check_at_least_one, lora_config, place_trainer_output, trl_defaults, write_summary
 from alignment.data import (
     arithmetic_dataset,
+    digit_reward,
     exact_match_reward,
     partial_credit_reward,
     preference_dataset,
@@ -80,7 +82,12 @@ def format_reward(completions: list, **kwargs) -> list[float]:
 
 
 # Python rewards by name, all with TRL's reward-function signature (completions, **dataset columns) -> floats.
-REWARD_FUNCS = {"exact_match": exact_match_reward, "partial_credit": partial_credit_reward, "format": format_reward}
+REWARD_FUNCS = {
+    "exact_match": exact_match_reward,
+    "partial_credit": partial_credit_reward,
+    "digits": digit_reward,
+    "format": format_reward,
+}
 
 
 @dataclass

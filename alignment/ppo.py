@@ -49,7 +49,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_hf  # registers the Auto classes
 from alignment import lora_config
-from alignment.data import exact_match_reward, parse_task_spec, partial_credit_reward
+from alignment.data import digit_reward, exact_match_reward, parse_task_spec, partial_credit_reward
 from alignment.rl import (
     KL_ESTIMATORS,
     VALUE_HEAD_FILE,
@@ -92,7 +92,11 @@ from training.trackers import check_report_to
 TASKS = ("verifiable", "arithmetic", "docs")  # arithmetic also as "arithmetic:add,sub" (alignment.data)
 # Reward functions by name, TRL's signature: fn(prompts=..., completions=..., completion_ids=..., **columns) -> floats.
 # `--reward-fn` also takes "package.module:function".
-REWARD_FUNCTIONS: dict[str, Callable] = {"exact_match": exact_match_reward, "partial_credit": partial_credit_reward}
+REWARD_FUNCTIONS: dict[str, Callable] = {
+    "exact_match": exact_match_reward,
+    "partial_credit": partial_credit_reward,
+    "digits": digit_reward,
+}
 # Metrics compared between an interrupted and a resumed run: everything but wall-clock seconds.
 TIMING_KEYS = ("rollout_s", "scoring_s", "update_s")
 
@@ -554,7 +558,7 @@ def setup(options: PPOOptions) -> PPORun:
     stop_id = stop_token_id(tokenizer, options.stop_token)
     check_tokenizer(tokenizer, stop_id, f"--model {options.model}")
     rows = load_prompts(options.task, options.max_examples)
-    for name in {"exact_match", "partial_credit"} & set(options.reward_fn):
+    for name in {"exact_match", "partial_credit", "digits"} & set(options.reward_fn):
         if any("answer" not in r for r in rows):
             raise ValueError(f"--reward-fn {name} needs an 'answer' for every prompt; --task {options.task} lacks it")
     reward_model, reward_tokenizer = load_reward_model(options, device)

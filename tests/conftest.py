@@ -100,6 +100,17 @@ def trackio_config(run: str) -> dict:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """The tiny models' ops are microseconds long: with 2 threads on 2 busy cores each op waits for the other
+    thread, which makes the engine ~20x slower. One thread keeps a file fast; the setting is restored. A test file
+    opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def connections(monkeypatch) -> list:
     """Every address a socket tries to connect to during the test (the test asserts it stays empty: offline)."""
     tried = []

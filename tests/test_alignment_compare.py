@@ -18,12 +18,7 @@ from tiny_hf import TinyForSequenceClassification
 PAD = 2  # <|pad|> of tiny_hf tokenizers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from alignment.data import (
     MODULE_QUESTION,
     REJECTION_KINDS,
     arithmetic_dataset,
+    digit_reward,
     docstring_pairs,
     exact_match_reward,
     extract_answer,
@@ -145,3 +146,9 @@ def test_arithmetic_task_spec_picks_kinds_and_feeds_sft():
 def test_bad_arithmetic_specs_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_digit_reward_credits_places_and_is_one_only_when_exact():
+    completions = ["9 1", "9 2", "1 9", "1 0 1", "7", "json", ""]
+    assert digit_reward(completions, ["91", "91", "91", "91", "91", "91", "91"]) == [1.0, 0.5, 0.0, 1 / 3, 0.0, 0, 0]
+    assert digit_reward(["`json`", "os"], ["json", "json"]) == [1.0, 0.0]

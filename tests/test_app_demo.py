@@ -53,15 +53,19 @@ def run_dir(tiny_lm_dir, tmp_path_factory):
     return run
 
 
-@pytest.fixture(scope="module")
-def served(run_dir, rag_index):
-    demo, loop = build_demo(str(run_dir), rag_index=rag_index)
+def launched(demo, loop):
+    """Serve a built app on a free local port for a fixture's lifetime: (url, engine), then close both."""
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         yield SimpleNamespace(url=url, engine=loop.engine)
     finally:
         demo.close()
         loop.shutdown(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def served(run_dir, rag_index):
+    yield from launched(*build_demo(str(run_dir), rag_index=rag_index))
 
 
 @pytest.fixture(scope="module")
@@ -326,13 +330,7 @@ def chat_served(monkeypatch):
     if not (CHAT_RUN / "model" / "config.json").is_file():
         pytest.skip(f"no {CHAT_RUN}/model: `make chat` fine-tunes the demo model into it")
     monkeypatch.chdir(ROOT)  # the page names the model as `make chat` does: runs/chat
-    demo, loop = build_demo("runs/chat")
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        yield SimpleNamespace(url=url, engine=loop.engine)
-    finally:
-        demo.close()
-        loop.shutdown(timeout=5)
+    yield from launched(*build_demo("runs/chat"))
 
 
 def plain(text: str) -> str:

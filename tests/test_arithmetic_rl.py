@@ -5,18 +5,11 @@ intervals, curves and the table (structure, not numbers)."""
 import json
 
 import pytest
-import torch
 
 from alignment import grpo, ppo
 from bench import arithmetic_rl
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_rl_runs_on_arithmetic_become_one_table_with_intervals(tiny_lm_dir, tmp_path):

@@ -160,7 +160,7 @@ def test_greedy_answers_engine_matches_generate(tiny_lm_dir):
         (["--num-generations", "1"], r"requires at least 2 generations per prompt.*You provided 1"),
         (["--beta", "-0.1"], r"--beta=-0.1 must be >= 0"),
         (["--algo", "ppo"], r"--algo='ppo' is not one of \['grpo', 'rloo'\]"),
-        (["--rewards", "bleu"], r"'bleu' is not one of \['exact_match', 'partial_credit', 'format'\]"),
+        (["--rewards", "bleu"], r"'bleu' is not one of \['exact_match', 'partial_credit', 'digits', 'format'\]"),
         (["--rewards", ""], r"no reward: give --rewards and/or --reward-model"),
         (
             ["--per-device-train-batch-size", "6"],

@@ -30,14 +30,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models' ops are microseconds long: with 2 threads on 2 busy cores each op waits for the other
-    thread, which makes the engine ~20x slower. One thread keeps the file fast; the setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def even_fraction(completion_ids, **kwargs):

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\nRun folder: {options.out} (summary.md, loss_curve.png, metrics.jsonl; TensorBoard: tensorboard --logdir "
         f"{options.out / 'tb'})\n"
-        f"Chat with it in the browser:  tiny-hf chat --model {options.out}     (http://127.0.0.1:7860)\n"
+        f"Chat with it in the browser:  make chat  (a short SFT into runs/chat first, so that it answers in turns; "
+        f"the base model itself: tiny-hf chat --model {options.out})\n"
         f"Serve it (OpenAI API):        tiny-hf serve --model {options.out}    (http://127.0.0.1:8000/v1)"
     )
     return {**summary, "samples": samples}

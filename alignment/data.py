@@ -221,7 +221,7 @@ def load_chat_dataset(spec: str, val_fraction: float = 0.05, max_examples: int |
     if spec == "embedded":
         return embedded_chat_dataset(val_fraction, max_examples)
     if spec.partition(":")[0] == "arithmetic":
-        return arithmetic_dataset(spec, train_size=max_examples or 20_000).map(
+        return arithmetic_dataset(spec, train_size=max_examples).map(
             lambda row: {"module": row["answer"], "task": "verifiable", "messages": row["prompt"] + row["completion"]},
             remove_columns=["prompt", "completion", "answer"],
         )
@@ -466,7 +466,7 @@ def parse_task_spec(spec: str) -> tuple[str, list[str]]:
 def arithmetic_dataset(
     spec: str = "arithmetic",
     max_value: int = 99,
-    train_size: int = 20_000,
+    train_size: int | None = None,
     held_out_size: int | None = None,
     seed: int = 0,
 ) -> datasets.DatasetDict:
@@ -478,12 +478,13 @@ def arithmetic_dataset(
     Args:
         spec: "arithmetic" (every kind of ARITHMETIC_KINDS) or "arithmetic:add,sub".
         max_value: The largest operand.
-        train_size: Training questions, capped at what the operands allow.
+        train_size: Training questions (default, and at most: what the operands allow).
         held_out_size: Held-out questions (default 1,000, or what the operands allow).
     """
     _, kinds = parse_task_spec(spec)
     pairs = (max_value + 1) ** 2 * len(kinds)
     held_out_size = min(1_000, pairs // 30) if held_out_size is None else held_out_size
+    train_size = pairs * 9 // 30 if train_size is None else train_size
     if train_size < 1 or held_out_size < 1:
         raise ValueError(f"train_size={train_size} and held_out_size={held_out_size} must both be >= 1")
     # About a tenth of all (kind, a, b) is held out by the hash; draw at most a third of each share, so that

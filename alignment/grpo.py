@@ -186,7 +186,7 @@ def load_verifiable(spec: str, max_examples: int | None) -> datasets.DatasetDict
     if spec == "embedded":
         data = verifiable_dataset(max_examples=max_examples)
     elif spec.partition(":")[0] == "arithmetic":
-        data = arithmetic_dataset(spec, train_size=max_examples or 20_000)
+        data = arithmetic_dataset(spec, train_size=max_examples)
     elif spec == "docs":  # the preference task's prompts; `answer` = the true summary (for a reward model to judge)
         pairs = preference_dataset(max_examples=max_examples)
         data = pairs.map(lambda row: {"answer": row["chosen"][-1]["content"]})

@@ -244,7 +244,7 @@ def load_prompts(task: str, max_examples: int | None, stdlib_dir: str | None = N
     elif task.partition(":")[0] == "arithmetic":
         from alignment.data import arithmetic_dataset
 
-        rows = list(arithmetic_dataset(task, train_size=max_examples or 20_000)["train"])
+        rows = list(arithmetic_dataset(task, train_size=max_examples)["train"])
     elif task == "docs":
         from alignment.data import preference_dataset
 

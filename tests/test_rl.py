@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_config
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import random_llama, tiny_config
+from transformers import LlamaForCausalLM
 
 from alignment.rl import (
     AdaptiveKLController,
@@ -36,19 +36,7 @@ EOS, PAD = 0, 2  # tiny_config()'s eos_token_id and pad_token_id
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(config).eval()
+    return random_llama(num_key_value_heads=2, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
 
 
 def tiny_policy() -> ValueHeadModel:
